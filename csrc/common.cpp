@@ -1,0 +1,141 @@
+// Argument checks and helpers shared by every backend.
+#include "rnn_ext.h"
+
+#include <sstream>
+
+namespace rnn_ext {
+
+namespace {
+
+std::string shape_str(at::IntArrayRef s, bool as_tuple) {
+  std::ostringstream o;
+  o << (as_tuple ? "(" : "[");
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (as_tuple ? ")" : "]");
+  return o.str();
+}
+
+}  // namespace
+
+Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                  const std::optional<at::Tensor>& batch_sizes, bool has_biases,
+                  int64_t num_layers, bool bidirectional, bool relu) {
+  Geometry g;
+  g.packed = batch_sizes.has_value() && batch_sizes->defined();
+  g.has_biases = has_biases;
+  g.relu = relu;
+  g.L = num_layers;
+  g.D = bidirectional ? 2 : 1;
+  TORCH_CHECK(num_layers > 0, "num_layers must be greater than zero");
+  const int64_t per_cell = g.weights_per_cell();
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == g.L * g.D * per_cell, "rnn_ext: expected ",
+              g.L * g.D * per_cell, " weight tensors for num_layers=", g.L,
+              ", bidirectional=", bidirectional, ", has_biases=", has_biases, ", got ",
+              weights.size());
+
+  const int64_t expected_dim = g.packed ? 2 : 3;
+  TORCH_CHECK(input.dim() == expected_dim, "input must have ", expected_dim,
+              " dimensions, got ", input.dim());
+
+  // Devices, as aten's RNN reports them.
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.device() == input.device(),
+                "Input and parameter tensors are not at the same device, found input tensor at ",
+                input.device(), " and parameter tensor at ", w.device());
+  }
+  TORCH_CHECK(hx.device() == input.device(),
+              "Input and hidden tensors are not at the same device, found input tensor at ",
+              input.device(), " and hidden tensor at ", hx.device());
+
+  // Dtypes: one floating dtype for everything (torch's matmul message where it has one).
+  const auto wdtype = weights[0].scalar_type();
+  const auto it = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      it == at::kFloat || it == at::kDouble || it == at::kHalf || it == at::kBFloat16,
+      "rnn_ext: expected a floating-point input (float32, float64, float16 or bfloat16), got ",
+      input.scalar_type());
+  for (const auto& w : weights) {
+    TORCH_CHECK(w.scalar_type() == wdtype, "rnn_ext: all weights must have one dtype, got ",
+                wdtype, " and ", w.scalar_type());
+  }
+  TORCH_CHECK(input.scalar_type() == wdtype, "mat1 and mat2 must have the same dtype, but got ",
+              input.scalar_type(), " and ", wdtype);
+  TORCH_CHECK(hx.scalar_type() == wdtype, "mat1 and mat2 must have the same dtype, but got ",
+              hx.scalar_type(), " and ", wdtype);
+
+  g.H = weights[1].size(0);
+  g.I = input.size(-1);
+  TORCH_CHECK(weights[0].dim() == 2 && weights[0].size(1) == g.I,
+              "input.size(-1) must be equal to input_size. Expected ",
+              weights[0].dim() == 2 ? weights[0].size(1) : -1, ", got ", g.I);
+
+  // Time steps.
+  if (g.packed) {
+    const auto& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),
+                "rnn_ext: batch_sizes must be a 1-D int64 CPU tensor, as PackedSequence holds it");
+    auto bsc = bs.contiguous();
+    const int64_t* p = bsc.data_ptr<int64_t>();
+    g.T = bsc.numel();
+    int64_t total = 0;
+    for (int64_t t = 0; t < g.T; ++t) {
+      TORCH_CHECK(p[t] >= 0, "rnn_ext: batch_sizes must be non-negative, got ", p[t]);
+      TORCH_CHECK(t == 0 || p[t] <= p[t - 1],
+                  "rnn_ext: batch_sizes must not increase (a PackedSequence is sorted by length), "
+                  "got ", p[t - 1 >= 0 ? t - 1 : 0], " then ", p[t], " at step ", t);
+      g.batch.push_back(p[t]);
+      g.offset.push_back(total);
+      total += p[t];
+    }
+    TORCH_CHECK(total == input.size(0), "rnn_ext: batch_sizes sum to ", total,
+                " but the packed data has ", input.size(0), " rows");
+    g.N = total;
+    g.B = g.T > 0 ? g.batch[0] : 0;
+  } else {
+    g.T = input.size(0);
+    g.B = input.size(1);
+    g.N = g.T * g.B;
+    g.batch.assign(g.T, g.B);
+    for (int64_t t = 0; t < g.T; ++t) g.offset.push_back(t * g.B);
+  }
+  TORCH_CHECK(g.T > 0, "Expected sequence length to be larger than 0 in RNN");
+
+  const std::vector<int64_t> expected_hx{g.L * g.D, g.B, g.H};
+  TORCH_CHECK(hx.sizes() == at::IntArrayRef(expected_hx), "Expected hidden size ",
+              shape_str(expected_hx, true), ", got ", shape_str(hx.sizes(), false));
+
+  // Weight shapes, in torch.nn.RNN's order: w_ih, w_hh[, b_ih, b_hh] per (layer, direction).
+  for (int64_t l = 0; l < g.L; ++l) {
+    for (int64_t d = 0; d < g.D; ++d) {
+      const int64_t base = (l * g.D + d) * per_cell;
+      const std::vector<int64_t> ih{g.H, g.layer_input_size(l)}, hh{g.H, g.H}, b{g.H};
+      TORCH_CHECK(weights[base].sizes() == at::IntArrayRef(ih), "rnn_ext: weight_ih of layer ",
+                  l, " must have shape ", shape_str(ih, true), ", got ",
+                  shape_str(weights[base].sizes(), false));
+      TORCH_CHECK(weights[base + 1].sizes() == at::IntArrayRef(hh),
+                  "rnn_ext: weight_hh of layer ", l, " must have shape ", shape_str(hh, true),
+                  ", got ", shape_str(weights[base + 1].sizes(), false));
+      if (has_biases) {
+        for (int k = 2; k < 4; ++k) {
+          TORCH_CHECK(weights[base + k].sizes() == at::IntArrayRef(b), "rnn_ext: bias of layer ",
+                      l, " must have shape ", shape_str(b, true), ", got ",
+                      shape_str(weights[base + k].sizes(), false));
+        }
+      }
+    }
+  }
+  return g;
+}
+
+at::Tensor dropout_noise(const at::Tensor& like, double p) {
+  // The same draws as at::dropout (aten/src/ATen/native/Dropout.cpp): p == 1 draws nothing and
+  // drops everything; otherwise bernoulli(1 - p) scaled by 1 / (1 - p).
+  if (p >= 1.0) return at::zeros_like(like, at::MemoryFormat::Contiguous);
+  auto noise = at::empty_like(like, at::MemoryFormat::Contiguous);
+  if (like.numel() == 0) return noise;
+  noise.bernoulli_(1.0 - p);
+  noise.div_(1.0 - p);
+  return noise;
+}
+
+}  // namespace rnn_ext

@@ -1,0 +1,63 @@
+// Registers the extension's operators: schemas in TORCH_LIBRARY, one TORCH_LIBRARY_IMPL per
+// backend.  Autograd and the fake (meta) kernels are registered from Python (rnn_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/blas.h"
+#include "rnn_ext.h"
+
+// `import rnn_ext._C` loads this library, which runs the registrations below.
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace rnn_ext {
+
+namespace {
+bool cpu_direct_blas() { return cpu::direct_blas_available(); }
+bool built_with_cuda() {
+#ifdef RNN_EXT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+TORCH_LIBRARY(rnn_ext, m) {
+  // The whole stack (all layers, both directions) in one call.  `input` is (T, B, I), or the
+  // (N, I) data of a PackedSequence with its `batch_sizes`; `hx` is (L*D, B, H); `weights` are
+  // torch.nn.RNN's _flat_weights.  Returns output, h_n, the workspace backward needs (empty
+  // unless need_grad) and the dropout noise it used (empty unless need_grad and dropout).
+  m.def(
+      "rnn_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, "
+      "bool has_biases, int num_layers, bool bidirectional, bool relu, float dropout, "
+      "bool train, bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  // Backpropagation through time.  output_mask = [input, hx, weights] says which gradients to
+  // form; the others come back empty.
+  m.def(
+      "rnn_backward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, "
+      "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
+      "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor[])");
+  m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
+  m.impl("rnn_forward", &rnn_forward_cpu);
+  m.impl("rnn_backward", &rnn_backward_cpu);
+}
+
+#ifdef RNN_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) {
+  m.impl("rnn_forward", &rnn_forward_cuda);
+  m.impl("rnn_backward", &rnn_backward_cuda);
+}
+#endif
+
+}  // namespace rnn_ext

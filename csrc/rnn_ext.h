@@ -1,0 +1,88 @@
+// Torch-facing declarations shared by the op registration (csrc/ops.cpp), the CPU kernels
+// (csrc/cpu/) and the CUDA glue (csrc/cuda_glue.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace rnn_ext {
+
+// Everything the kernels need to know about one call, checked once (see geometry()).
+//
+// Time steps are laid out like a PackedSequence: step t owns rows
+// [offset[t], offset[t] + batch[t]) of the (N, features) data, and batch[] never increases.
+// A dense (T, B, I) input is the special case batch[t] == B for every t.
+struct Geometry {
+  int64_t T = 0;            // time steps
+  int64_t B = 0;            // batch (rows of hx)
+  int64_t N = 0;            // total rows = sum(batch)
+  int64_t I = 0;            // input features of layer 0
+  int64_t H = 0;            // hidden size
+  int64_t L = 0;            // layers
+  int64_t D = 1;            // directions
+  bool packed = false;
+  bool has_biases = true;
+  bool relu = false;
+  std::vector<int64_t> batch;   // rows active at step t
+  std::vector<int64_t> offset;  // first row of step t
+
+  int64_t weights_per_cell() const { return has_biases ? 4 : 2; }
+  int64_t layer_input_size(int64_t layer) const { return layer == 0 ? I : D * H; }
+};
+
+// Validates the arguments of rnn_forward / rnn_backward (shapes, dtypes, devices, batch sizes)
+// and returns the geometry.  Raises torch's messages where torch.nn.RNN has one.
+Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                  const std::optional<at::Tensor>& batch_sizes, bool has_biases,
+                  int64_t num_layers, bool bidirectional, bool relu);
+
+// Draws the dropout noise that at::dropout would draw for `like` (scaled by 1/(1-p), zero
+// where dropped), from the default generator of like's device.
+at::Tensor dropout_noise(const at::Tensor& like, double p);
+
+// Returns: output, h_n, workspace (pre-dropout outputs of layers 0..L-2, for backward; empty
+// unless need_grad), dropout noise (one per layer boundary; empty unless need_grad and dropout).
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// Returns: grad_input (empty unless asked), grad_hx (empty unless asked), grad of every weight
+// (empty list unless asked).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
+                              at::TensorList weights,
+                              const std::optional<at::Tensor>& batch_sizes, bool has_biases,
+                              int64_t num_layers, bool bidirectional, bool relu,
+                              double dropout, bool train, bool need_grad);
+
+BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                at::TensorList weights,
+                                const std::optional<at::Tensor>& batch_sizes,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                const at::Tensor& noise,
+                                const std::optional<at::Tensor>& grad_output,
+                                const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                                int64_t num_layers, bool bidirectional, bool relu,
+                                std::array<bool, 3> output_mask);
+
+#ifdef RNN_EXT_WITH_CUDA
+ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
+                               at::TensorList weights,
+                               const std::optional<at::Tensor>& batch_sizes, bool has_biases,
+                               int64_t num_layers, bool bidirectional, bool relu,
+                               double dropout, bool train, bool need_grad);
+
+BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
+                                 at::TensorList weights,
+                                 const std::optional<at::Tensor>& batch_sizes,
+                                 const at::Tensor& output, const at::Tensor& workspace,
+                                 const at::Tensor& noise,
+                                 const std::optional<at::Tensor>& grad_output,
+                                 const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                                 int64_t num_layers, bool bidirectional, bool relu,
+                                 std::array<bool, 3> output_mask);
+#endif
+
+}  // namespace rnn_ext

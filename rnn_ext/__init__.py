@@ -1,0 +1,22 @@
+"""rnn_ext: a drop-in torch.nn.RNN on fused C++/CUDA kernels.
+
+    import rnn_ext
+    rnn = rnn_ext.RNN(input_size, hidden_size, num_layers=2)   # as torch.nn.RNN
+    model = rnn_ext.convert_rnns(model)                          # or convert a whole model
+"""
+from . import ops, reference
+from .module import RNN, convert_rnns
+
+__version__ = "0.1.0"
+__all__ = ["RNN", "convert_rnns", "reference", "ops", "backend_info"]
+
+
+def backend_info() -> dict:
+    """Which kernels this build can run."""
+    import torch
+
+    return {
+        "version": __version__,
+        "cpu_direct_blas": bool(torch.ops.rnn_ext.cpu_direct_blas()),
+        "cuda": bool(torch.ops.rnn_ext.built_with_cuda()),
+    }

@@ -1,0 +1,182 @@
+"""rnn_ext.RNN: torch.nn.RNN's interface and behaviour on the extension's fused kernels."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops
+
+__all__ = ["RNN", "convert_rnns"]
+
+
+def _autocast_cast(device_type: str, tensors):
+    """Cast as autocast does for matmul-like ops: floating tensors other than float64 go to
+    the autocast dtype (torch.nn.RNN under autocast runs in that dtype)."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    ]
+
+
+class RNN(torch.nn.RNNBase):
+    r"""A drop-in :class:`torch.nn.RNN`: same constructor, parameters, state_dict, shapes,
+    errors and numerics (to rounding), computed by rnn_ext's fused kernels.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None)``
+
+    Each layer computes ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
+    It subclasses :class:`torch.nn.RNNBase` (not ``torch.nn.RNN``) so that
+    ``torch.compile(..., fullgraph=True)`` can trace it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # Argument handling exactly as torch.nn.RNN.__init__ (the 4th positional argument is
+        # the nonlinearity; proj_size is refused even when 0).
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx: Optional[Tensor] = None):  # noqa: C901 (mirrors torch)
+        self._update_flat_weights()
+
+        num_directions = 2 if self.bidirectional else 1
+        orig_input = input
+
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = batch_sizes[0]
+            if hx is None:
+                hx = torch.zeros(
+                    self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                    dtype=input.dtype, device=input.device,
+                )
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            batch_sizes = None
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead"
+                )
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            else:
+                if hx is not None and hx.dim() != 3:
+                    raise RuntimeError(
+                        f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
+                    )
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = None
+            unsorted_indices = None
+            if hx is None:
+                hx = torch.zeros(
+                    self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                    dtype=input.dtype, device=input.device,
+                )
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+
+        self.check_forward_args(input, hx, batch_sizes)
+        output, hidden = self._run(input, hx, batch_sizes)
+
+        if isinstance(orig_input, PackedSequence):
+            output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output_packed, self.permute_hidden(hidden, unsorted_indices)
+
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _run(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
+        """The part torch.nn.RNN hands to aten (`_VF.rnn_tanh`/`rnn_relu`), on rnn_ext's op."""
+        weights = list(self._flat_weights)
+        # The checks aten makes before computing, with its messages.
+        for w in weights:
+            if w.device != input.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input tensor "
+                    f"at {input.device} and parameter tensor at {w.device}"
+                )
+        if hx.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {hx.device}"
+            )
+        seq_first = batch_sizes is None and self.batch_first
+        if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if torch.is_autocast_enabled(input.device.type):
+            input, hx, *weights = _autocast_cast(input.device.type, [input, hx, *weights])
+        if seq_first:
+            input = input.transpose(0, 1)
+        output, hidden = ops.rnn(
+            input, hx, weights, batch_sizes,
+            has_biases=self.bias, num_layers=self.num_layers,
+            bidirectional=bool(self.bidirectional), relu=self.mode == "RNN_RELU",
+            dropout=self.dropout, train=self.training,
+        )
+        if seq_first:
+            output = output.transpose(0, 1)
+        return output, hidden
+
+
+def convert_rnns(module: torch.nn.Module) -> torch.nn.Module:
+    """Returns ``module`` with every ``torch.nn.RNN`` in it replaced by an ``rnn_ext.RNN``
+    holding the same Parameter objects (or the replacement itself, if ``module`` is a
+    ``torch.nn.RNN``), like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    The replacement keeps the configuration, the training flag and the hooks; optimisers that
+    hold the old parameters keep working, since the parameters are the same objects.
+    """
+    out = module
+    if isinstance(module, torch.nn.RNN) and not isinstance(module, RNN):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropout warning was already given once
+            with torch.device("meta"):
+                out = RNN(
+                    module.input_size, module.hidden_size, module.num_layers,
+                    module.nonlinearity, module.bias, module.batch_first, module.dropout,
+                    module.bidirectional,
+                )
+        for name in module._flat_weights_names:
+            setattr(out, name, getattr(module, name))
+        out._init_flat_weights()
+        out.train(module.training)
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            getattr(out, attr).update(getattr(module, attr))
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        new_child = convert_rnns(child)
+        if new_child is not child:
+            out.add_module(name, new_child)
+    del module
+    return out

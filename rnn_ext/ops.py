@@ -1,0 +1,148 @@
+"""Python side of the extension's operators: fake kernels (for torch.compile / export / meta
+tensors) and autograd, through ``torch.library``.  The kernels themselves are C++/CUDA
+(``csrc/``), registered as ``torch.ops.rnn_ext.rnn_forward`` and ``rnn_backward``."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from . import reference
+
+__all__ = ["rnn_forward", "rnn_backward"]
+
+rnn_forward = torch.ops.rnn_ext.rnn_forward.default
+rnn_backward = torch.ops.rnn_ext.rnn_backward.default
+
+
+def _saves_noise(train: bool, dropout: float, num_layers: int) -> bool:
+    return train and dropout > 0 and num_layers > 1
+
+
+@torch.library.register_fake("rnn_ext::rnn_forward")
+def _rnn_forward_fake(
+    input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
+    train, need_grad,
+):
+    D = 2 if bidirectional else 1
+    H = weights[1].shape[0]
+    if batch_sizes is None:
+        torch._check(input.dim() == 3, lambda: f"input must have 3 dimensions, got {input.dim()}")
+        output = input.new_empty((input.shape[0], input.shape[1], D * H))
+        N = input.shape[0] * input.shape[1]
+    else:
+        torch._check(input.dim() == 2, lambda: f"input must have 2 dimensions, got {input.dim()}")
+        output = input.new_empty((input.shape[0], D * H))
+        N = input.shape[0]
+    hy = input.new_empty((num_layers * D, hx.shape[1], H))
+    ws = input.new_empty((num_layers - 1, N, D * H)) if need_grad else input.new_empty((0,))
+    saves = need_grad and _saves_noise(train, dropout, num_layers)
+    noise = input.new_empty((num_layers - 1, N, D * H)) if saves else input.new_empty((0,))
+    return output, hy, ws, noise
+
+
+@torch.library.register_fake("rnn_ext::rnn_backward")
+def _rnn_backward_fake(
+    input, hx, weights, batch_sizes, output, workspace, noise, grad_output, grad_hy,
+    has_biases, num_layers, bidirectional, relu, output_mask,
+):
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_hx = torch.empty_like(hx) if output_mask[1] else hx.new_empty((0,))
+    grad_weights = [torch.empty_like(w) for w in weights] if output_mask[2] else []
+    return grad_input, grad_hx, grad_weights
+
+
+def _setup_context(ctx, inputs, output):
+    (input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
+     train, need_grad) = inputs
+    out, _hy, ws, noise = output
+    ctx.mark_non_differentiable(ws, noise)
+    ctx.set_materialize_grads(False)
+    ctx.config = (has_biases, num_layers, bidirectional, relu)
+    ctx.n_weights = len(weights)
+    ctx.save_for_backward(input, hx, batch_sizes, out, ws, noise, *weights)
+
+
+def _differentiable_backward(ctx, saved, grad_output, grad_hy):
+    """Gradients as a differentiable function of everything (create_graph=True, double
+    backward): recompute the forward with rnn_ext.reference, which is plain autograd-able
+    PyTorch, using the same dropout noise, and differentiate it."""
+    input, hx, batch_sizes, _out, _ws, noise, *weights = saved
+    _has_biases, num_layers, bidirectional, relu = ctx.config
+    needs = ctx.needs_input_grad
+    wanted = []
+    if needs[0]:
+        wanted.append(input)
+    if needs[1]:
+        wanted.append(hx)
+    wanted += [w for w, n in zip(weights, needs[2]) if n]
+    masks = list(noise.unbind(0)) if noise.numel() > 0 else None
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
+    with torch.enable_grad():
+        if batch_sizes is None:
+            out, hy = reference.rnn(input, hx, weights, **kw)
+        else:
+            out, hy = reference.rnn_packed_data(input, batch_sizes, hx, weights, **kw)
+        outs, grads = [], []
+        for o, g in ((out, grad_output), (hy, grad_hy)):
+            if g is not None:
+                outs.append(o)
+                grads.append(g)
+        got = torch.autograd.grad(outs, wanted, grads, create_graph=True, allow_unused=True)
+    got = list(got)
+    fill = lambda t, g: torch.zeros_like(t) if g is None else g  # noqa: E731
+    grad_input = fill(input, got.pop(0)) if needs[0] else None
+    grad_hx = fill(hx, got.pop(0)) if needs[1] else None
+    grad_weights = [fill(w, got.pop(0)) if n else None for w, n in zip(weights, needs[2])]
+    return grad_input, grad_hx, grad_weights
+
+
+def _backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
+    saved = ctx.saved_tensors
+    input, hx, batch_sizes, out, ws, noise, *weights = saved
+    needs = ctx.needs_input_grad
+    none_rest = (None,) * 8
+    need_w = [bool(n) for n in needs[2]]
+    if grad_output is None and grad_hy is None:
+        return (None, None, [None] * len(weights)) + none_rest
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        gi, ghx, gw = _differentiable_backward(ctx, saved, grad_output, grad_hy)
+        return (gi, ghx, gw) + none_rest
+    has_biases, num_layers, bidirectional, relu = ctx.config
+    gi, ghx, gw = rnn_backward(
+        input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
+        num_layers, bidirectional, relu, [bool(needs[0]), bool(needs[1]), any(need_w)],
+    )
+    grad_weights = [g if n else None for g, n in zip(gw, need_w)] if any(need_w) else [None] * len(weights)
+    return (gi if needs[0] else None, ghx if needs[1] else None, grad_weights) + none_rest
+
+
+torch.library.register_autograd("rnn_ext::rnn_forward", _backward, setup_context=_setup_context)
+
+
+def rnn(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    batch_sizes: Optional[Tensor],
+    *,
+    has_biases: bool,
+    num_layers: int,
+    bidirectional: bool,
+    relu: bool,
+    dropout: float = 0.0,
+    train: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Functional form: output and h_n of the stack, like ``torch._VF.rnn_tanh``/``rnn_relu``
+    (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's)."""
+    weights = list(weights)
+    need_grad = torch.is_grad_enabled() and (
+        input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
+    )
+    out, hy, _ws, _noise = rnn_forward(
+        input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
+        float(dropout), train, need_grad,
+    )
+    return out, hy

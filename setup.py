@@ -1,0 +1,54 @@
+"""Build rnn_ext._C: a CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension."""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    csrc = os.path.join(ROOT, "csrc")
+    sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    with_cuda = (
+        torch.cuda.is_available() or os.environ.get("RNN_EXT_FORCE_CUDA") == "1"
+    ) and torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("RNN_EXT_NO_CUDA") == "1":
+        with_cuda = False
+    if not with_cuda:
+        # The CUDA glue is only compiled with CUDA.
+        sources = [s for s in sources if not s.endswith("cuda_glue.cpp")]
+        return CppExtension(
+            "rnn_ext._C", sources, include_dirs=[csrc], extra_compile_args={"cxx": cxx},
+            py_limited_api=False,
+        )
+    sources += rel(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    return CUDAExtension(
+        "rnn_ext._C", sources, include_dirs=[csrc],
+        define_macros=[("RNN_EXT_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    name="rnn_ext",
+    version="0.1.0",
+    description="A drop-in torch.nn.RNN on fused C++/CUDA kernels",
+    packages=find_packages(include=["rnn_ext", "rnn_ext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    # Built and tested against torch 2.13 (CPU) and torch 2.11 (CUDA 13).
+    install_requires=["torch>=2.11,<2.14"],
+    extras_require={"test": ["pytest", "numpy", "hypothesis", "expecttest"],
+                    "bench": ["matplotlib", "numpy"]},
+    zip_safe=False,
+)
