@@ -67,8 +67,18 @@ def rnn(
                 outputs.append(layer_input.new_zeros(T, 0, H))
                 h_n.append(hx[layer * D + d])
                 continue
+            if all(n == T for n in lengths):
+                # Every sequence is full length: the walkthrough's loop, one step at a time.
+                h = hx[layer * D + d]
+                column = [None] * T
+                for t in range(T) if d == 0 else reversed(range(T)):
+                    h = _cell(layer_input[t], h, w, relu)
+                    column[t] = h
+                outputs.append(torch.stack(column))
+                h_n.append(h)
+                continue
             columns, finals = [], []
-            for b in range(B):  # each sequence on its own: the loop of the walkthrough
+            for b in range(B):  # sequences of their own lengths: each on its own
                 h = hx[layer * D + d, b]
                 column = [layer_input.new_zeros(H)] * T  # 0 past the sequence's end
                 steps = range(lengths[b]) if d == 0 else reversed(range(lengths[b]))
