@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "rnn_ext.h"
 
@@ -18,6 +19,19 @@ namespace rnn_ext {
 
 namespace {
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
+// The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
+at::Tensor cpu_activation(const at::Tensor& x, bool relu) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "rnn_ext::_cpu_activation takes a float32 or float64 CPU tensor");
+  at::Tensor y = x.contiguous().clone();
+  const int64_t n = y.numel();
+  if (y.scalar_type() == at::kFloat) {
+    relu ? cpu::relu_inplace(y.data_ptr<float>(), 1, n, n) : cpu::tanh_inplace(y.data_ptr<float>(), 1, n, n);
+  } else {
+    relu ? cpu::relu_inplace(y.data_ptr<double>(), 1, n, n) : cpu::tanh_inplace(y.data_ptr<double>(), 1, n, n);
+  }
+  return y;
+}
 bool built_with_cuda() {
 #ifdef RNN_EXT_WITH_CUDA
   return true;
@@ -46,6 +60,7 @@ TORCH_LIBRARY(rnn_ext, m) {
       "-> (Tensor, Tensor, Tensor[])");
   m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
 }
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {

@@ -54,6 +54,17 @@ class RNN(torch.nn.RNNBase):
             )
         super().__init__(mode, *args, **kwargs)
 
+    def _update_flat_weights(self) -> None:
+        # torch's check (re-read the weights when one was replaced: functional_call,
+        # parametrize, weight_norm, assignment), without a Module.__getattr__ per weight for
+        # plain parameters: at small sizes it cost more than the kernel.
+        params = self._parameters
+        for name, w in zip(self._flat_weights_names, self._flat_weights):
+            current = params[name] if name in params else getattr(self, name, None)
+            if current is not w:
+                self._init_flat_weights()
+                return
+
     def forward(self, input, hx: Optional[Tensor] = None):  # noqa: C901 (mirrors torch)
         self._update_flat_weights()
 
@@ -129,10 +140,19 @@ class RNN(torch.nn.RNNBase):
                 "Input and hidden tensors are not at the same device, found input tensor at "
                 f"{input.device} and hidden tensor at {hx.device}"
             )
+        # aten's dropout check, made only where aten's RNN applies dropout (self.dropout can be
+        # changed after construction, bypassing the constructor's check).
+        p = self.dropout
+        if self.training and self.num_layers > 1 and p != 0 and not 0 <= p <= 1:
+            raise RuntimeError(
+                f"dropout probability has to be between 0 and 1, but got {format(p, 'g')}"
+            )
         seq_first = batch_sizes is None and self.batch_first
         if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        if torch.is_autocast_enabled(input.device.type):
+        if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
+            input.device.type
+        ):  # (is_autocast_enabled raises for device types without autocast, e.g. meta)
             input, hx, *weights = _autocast_cast(input.device.type, [input, hx, *weights])
         if seq_first:
             input = input.transpose(0, 1)

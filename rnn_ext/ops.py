@@ -21,11 +21,46 @@ def _saves_noise(train: bool, dropout: float, num_layers: int) -> bool:
     return train and dropout > 0 and num_layers > 1
 
 
+def _check_same_device(input, hx, weights, *others):
+    """The device checks of the C++ geometry(), with aten's messages.  They must be repeated
+    here: a call mixing meta and real tensors dispatches to this fake kernel (Meta outranks
+    CPU/CUDA), which would otherwise return uninitialised tensors instead of an error."""
+    for w in weights:
+        torch._check(
+            w.device == input.device,
+            lambda: "Input and parameter tensors are not at the same device, found input tensor "
+            f"at {input.device} and parameter tensor at {w.device}",
+        )
+    torch._check(
+        hx.device == input.device,
+        lambda: "Input and hidden tensors are not at the same device, found input tensor at "
+        f"{input.device} and hidden tensor at {hx.device}",
+    )
+    for t in others:
+        if t is not None:
+            torch._check(
+                t.device == input.device,
+                lambda: f"rnn_ext: expected all tensors on {input.device}, got one on {t.device}",
+            )
+
+
+def _check_batch_sizes(batch_sizes):
+    if batch_sizes is not None:
+        torch._check(
+            batch_sizes.dim() == 1 and batch_sizes.dtype == torch.int64
+            and batch_sizes.device.type == "cpu",
+            lambda: "rnn_ext: batch_sizes must be a 1-D int64 CPU tensor, as PackedSequence "
+            "holds it",
+        )
+
+
 @torch.library.register_fake("rnn_ext::rnn_forward")
 def _rnn_forward_fake(
     input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
     train, need_grad,
 ):
+    _check_same_device(input, hx, weights)
+    _check_batch_sizes(batch_sizes)
     D = 2 if bidirectional else 1
     H = weights[1].shape[0]
     if batch_sizes is None:
@@ -48,9 +83,13 @@ def _rnn_backward_fake(
     input, hx, weights, batch_sizes, output, workspace, noise, grad_output, grad_hy,
     has_biases, num_layers, bidirectional, relu, output_mask,
 ):
-    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty((0,))
-    grad_hx = torch.empty_like(hx) if output_mask[1] else hx.new_empty((0,))
-    grad_weights = [torch.empty_like(w) for w in weights] if output_mask[2] else []
+    _check_same_device(input, hx, weights, output, workspace, noise, grad_output, grad_hy)
+    _check_batch_sizes(batch_sizes)
+    # The kernels return contiguous gradients whatever the strides of their inputs (e.g. the
+    # transposed input of a batch_first module), so no empty_like (which keeps strides).
+    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
+    grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights
 
 
@@ -65,13 +104,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, hx, batch_sizes, out, ws, noise, *weights)
 
 
-def _differentiable_backward(ctx, saved, grad_output, grad_hy):
+def _differentiable_backward(ctx, saved, needs, grad_output, grad_hy):
     """Gradients as a differentiable function of everything (create_graph=True, double
     backward): recompute the forward with rnn_ext.reference, which is plain autograd-able
     PyTorch, using the same dropout noise, and differentiate it."""
     input, hx, batch_sizes, _out, _ws, noise, *weights = saved
     _has_biases, num_layers, bidirectional, relu = ctx.config
-    needs = ctx.needs_input_grad
     wanted = []
     if needs[0]:
         wanted.append(input)
@@ -79,6 +117,9 @@ def _differentiable_backward(ctx, saved, grad_output, grad_hy):
         wanted.append(hx)
     wanted += [w for w, n in zip(weights, needs[2]) if n]
     masks = list(noise.unbind(0)) if noise.numel() > 0 else None
+    if masks is not None and batch_sizes is None:
+        # the kernel keeps the noise as (T*B, D*H) rows; reference.rnn wants (T, B, D*H)
+        masks = [m.view(input.shape[0], input.shape[1], m.shape[-1]) for m in masks]
     kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
     with torch.enable_grad():
         if batch_sizes is None:
@@ -100,26 +141,59 @@ def _differentiable_backward(ctx, saved, grad_output, grad_hy):
 
 
 def _backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
+    return _gradients(ctx, ctx.needs_input_grad, grad_output, grad_hy) + (None,) * 8
+
+
+def _gradients(ctx, needs, grad_output, grad_hy):
+    """(grad_input, grad_hx, [grad of each weight]) for the forward saved in ctx; needs is
+    (input?, hx?, [weight?, ...])."""
     saved = ctx.saved_tensors
     input, hx, batch_sizes, out, ws, noise, *weights = saved
-    needs = ctx.needs_input_grad
-    none_rest = (None,) * 8
     need_w = [bool(n) for n in needs[2]]
     if grad_output is None and grad_hy is None:
-        return (None, None, [None] * len(weights)) + none_rest
+        return None, None, [None] * len(weights)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        gi, ghx, gw = _differentiable_backward(ctx, saved, grad_output, grad_hy)
-        return (gi, ghx, gw) + none_rest
+        return _differentiable_backward(ctx, saved, needs, grad_output, grad_hy)
     has_biases, num_layers, bidirectional, relu = ctx.config
     gi, ghx, gw = rnn_backward(
         input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
         num_layers, bidirectional, relu, [bool(needs[0]), bool(needs[1]), any(need_w)],
     )
     grad_weights = [g if n else None for g, n in zip(gw, need_w)] if any(need_w) else [None] * len(weights)
-    return (gi if needs[0] else None, ghx if needs[1] else None, grad_weights) + none_rest
+    return gi if needs[0] else None, ghx if needs[1] else None, grad_weights
 
 
 torch.library.register_autograd("rnn_ext::rnn_forward", _backward, setup_context=_setup_context)
+
+
+class _RNNFunction(torch.autograd.Function):
+    """The eager path of ``rnn()`` when a gradient is needed: the same forward op and the same
+    backward as registered for it above, without torch.library's per-call Python wrapping
+    (pytree flattening, default filling), which costs more than the whole kernel at small
+    sizes.  torch.compile and export trace the op itself (its registered autograd)."""
+
+    @staticmethod
+    def forward(input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
+                train, *weights):
+        with torch._C._AutoDispatchBelowAutograd():
+            return rnn_forward(input, hx, list(weights), batch_sizes, has_biases, num_layers,
+                               bidirectional, relu, dropout, train, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout, train,
+         *weights) = inputs
+        _setup_context(ctx, (input, hx, weights, batch_sizes, has_biases, num_layers,
+                             bidirectional, relu, dropout, train, True), output)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
+        needs = ctx.needs_input_grad
+        # The op's structure (input, hx, [weights]), as the shared backward expects it.
+        grad_input, grad_hx, grad_weights = _gradients(
+            ctx, (needs[0], needs[1], list(needs[9:])), grad_output, grad_hy
+        )
+        return (grad_input, grad_hx) + (None,) * 7 + tuple(grad_weights)
 
 
 def rnn(
@@ -138,11 +212,24 @@ def rnn(
     """Functional form: output and h_n of the stack, like ``torch._VF.rnn_tanh``/``rnn_relu``
     (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's)."""
     weights = list(weights)
+    dropout = float(dropout)
     need_grad = torch.is_grad_enabled() and (
         input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
     )
-    out, hy, _ws, _noise = rnn_forward(
-        input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
-        float(dropout), train, need_grad,
-    )
+    if torch.compiler.is_compiling():
+        out, hy, _ws, _noise = rnn_forward(
+            input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
+            dropout, train, need_grad,
+        )
+    elif need_grad:
+        out, hy, _ws, _noise = _RNNFunction.apply(
+            input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout, train,
+            *weights,
+        )
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            out, hy, _ws, _noise = rnn_forward(
+                input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
+                dropout, train, False,
+            )
     return out, hy

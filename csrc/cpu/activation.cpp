@@ -5,6 +5,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace rnn_ext::cpu {
 
 namespace {
@@ -15,44 +19,77 @@ namespace {
 #define RNN_EXT_CLONES
 #endif
 
-// tanh in float, written so that the compiler vectorises the loop that calls it (no branches,
-// no library calls).  Error about 2 ulp (tests/test_kernels.py measures it against torch.tanh).
-//   |x| < 0.4:  odd Taylor series to x^13 (the next term is below 2^-27 relative);
-//   otherwise:  sign(x) * (1 - 2 / (exp(2|x|) + 1)), exp by range reduction to |r| <= ln2/2 and
-//               a degree-7 Taylor polynomial; |x| is capped at 9, where tanh rounds to 1.
-inline __attribute__((always_inline)) float tanh_f32(float x) {
-  const float a = std::fabs(x);
-  const float x2 = x * x;
-  float small = 21844.f / 6081075.f;
-  small = small * x2 - 1382.f / 155925.f;
-  small = small * x2 + 62.f / 2835.f;
-  small = small * x2 - 17.f / 315.f;
-  small = small * x2 + 2.f / 15.f;
-  small = small * x2 - 1.f / 3.f;
-  small = x + x * x2 * small;
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RNN_EXT_AVX2 1
+#define RNN_EXT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
 
-  const float ac = a > 9.f ? 9.f : a;  // NaN stays NaN
-  const float y = 2.f * ac;
-  const float n = std::floor(y * 1.44269504088896341f + 0.5f);
-  const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.1219e-4
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float e = p * scale;
-  const float big = std::copysign(1.f - 2.f / (e + 1.f), x);
-  return a < 0.4f ? small : big;
+#ifdef RNN_EXT_AVX2
+// tanh in float, 8 lanes at once (AVX2 + FMA).  Error about 2 ulp (tests/ measure it against
+// torch.tanh over a dense sweep).  Branch-free:
+//   |x| < 0.4:  odd Taylor series to x^13 (the next term is below 2^-27 relative);
+//   otherwise:  sign(x) * (1 - 2 / (exp(2|x|) + 1)), exp by range reduction to |r| <= ln2/2
+//               and a degree-7 Taylor polynomial; |x| is capped at 9, where tanh rounds to 1.
+// NaN propagates (the selects keep it), +-inf gives +-1.
+RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  const __m256 a = _mm256_andnot_ps(sign_mask, x);
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 s = _mm256_set1_ps(21844.f / 6081075.f);
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1382.f / 155925.f));
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(62.f / 2835.f));
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-17.f / 315.f));
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(2.f / 15.f));
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1.f / 3.f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(x, x2), s, x);
+
+  // min(a, 9) with NaN kept: _mm256_min_ps returns the second operand when either is NaN.
+  const __m256 ac = _mm256_min_ps(_mm256_set1_ps(9.f), a);
+  const __m256 y = _mm256_add_ps(ac, ac);  // >= 0
+  const __m256 nf = _mm256_floor_ps(_mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f),
+                                                    _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), y);
+  r = _mm256_fmadd_ps(nf, _mm256_set1_ps(2.12194440e-4f), r);  // ln2 = 0.693359375 - 2.12e-4
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i n = _mm256_cvttps_epi32(nf);  // 0..26 (garbage for NaN, masked by p = NaN)
+  const __m256 scale =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  const __m256 e = _mm256_mul_ps(p, scale);
+  const __m256 one = _mm256_set1_ps(1.f);
+  __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+  big = _mm256_or_ps(big, _mm256_and_ps(sign_mask, x));
+  // a < 0.4 (ordered: false for NaN, which then takes `big`, itself NaN)
+  return _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.4f), _CMP_LT_OQ));
 }
 
-RNN_EXT_CLONES void tanh_row_f32(float* __restrict x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] = tanh_f32(x[j]);
+RNN_EXT_TARGET_AVX2 void tanh_row_f32_avx2(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, tanh8(_mm256_loadu_ps(x + j)));
+  if (j < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tail, x + j, (n - j) * sizeof(float));
+    _mm256_store_ps(tail, tanh8(_mm256_load_ps(tail)));
+    std::memcpy(x + j, tail, (n - j) * sizeof(float));
+  }
+}
+#endif
+
+void tanh_row_f32(float* x, int64_t n) {
+#ifdef RNN_EXT_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) {
+    tanh_row_f32_avx2(x, n);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) x[j] = std::tanh(x[j]);
 }
 
 RNN_EXT_CLONES void relu_row_f32(float* __restrict x, int64_t n) {
