@@ -16,7 +16,7 @@ def rel(paths):
 def extension():
     csrc = os.path.join(ROOT, "csrc")
     sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fvisibility=hidden"]
     with_cuda = (
         torch.cuda.is_available() or os.environ.get("RNN_EXT_FORCE_CUDA") == "1"
     ) and torch.version.cuda is not None and CUDA_HOME is not None
@@ -31,6 +31,11 @@ def extension():
         )
     sources += rel(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    # Target architectures: torch's cpp_extension reads TORCH_CUDA_ARCH_LIST, else builds for
+    # the visible card(s).  Without either (RNN_EXT_FORCE_CUDA=1 on a machine without a GPU) it
+    # would build for every architecture it knows; build for A100 and H100/H200 instead.
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     return CUDAExtension(
         "rnn_ext._C", sources, include_dirs=[csrc],
         define_macros=[("RNN_EXT_WITH_CUDA", None)],

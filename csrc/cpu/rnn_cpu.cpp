@@ -8,6 +8,15 @@
 //      per step.
 // The backward walks the steps in the opposite order (dh -> dz -> dh W_hh), keeps every dz, and
 // then forms the weight and bias gradients and the input gradient as a few large GEMMs.
+//
+// Parallelism (torch's thread pool, so torch.set_num_threads rules): the large GEMMs use BLAS's
+// threads; the recurrences, which are sequential in time, run side by side where they are
+// independent:
+//   * the two directions of a layer run concurrently;
+//   * in a unidirectional stack the layers run as a wavefront over chunks of time steps: while
+//     layer l computes chunk c, layer l+1 computes chunk c-1 (backward: the mirror image).
+// Inside such a task BLAS runs single-threaded (it is called from a parallel region).
+#include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -54,23 +63,31 @@ void activate(const Geometry& g, T* z, int64_t rows, int64_t ld) {
 
 // One direction of one layer.  x: (N, I_l) contiguous; out: this direction's columns of the
 // (N, D*H) layer output (row stride D*H); h0: (B, H) contiguous.
+
+// Input projection of rows [r0, r1), biases folded in: out = x W_ih^T + b_ih + b_hh.
 template <typename T>
-void layer_forward(const Geometry& g, int64_t d, const Cell<T>& c, const T* x, int64_t in_size,
-                   const T* h0, T* out) {
+void project(const Geometry& g, const Cell<T>& c, const T* x, int64_t in_size, T* out,
+             int64_t r0, int64_t r1) {
   const int64_t H = g.H, ld = g.D * g.H;
-  // 1. projection of all steps, biases folded in.
+  if (r1 <= r0) return;
   T beta = T(0);
   if (c.b_ih != nullptr) {
-    for (int64_t r = 0; r < g.N; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       T* row = out + r * ld;
       for (int64_t j = 0; j < H; ++j) row[j] = c.b_ih[j] + c.b_hh[j];
     }
     beta = T(1);
   }
-  gemm<T>(false, true, g.N, H, in_size, T(1), x, in_size, c.w_ih, in_size, beta, out, ld);
+  gemm<T>(false, true, r1 - r0, H, in_size, T(1), x + r0 * in_size, in_size, c.w_ih, in_size,
+          beta, out + r0 * ld, ld);
+}
 
-  // 2. recurrence.
-  for (int64_t i = 0; i < g.T; ++i) {
+// The recurrence over steps [i0, i1) in this direction's processing order.
+template <typename T>
+void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, int64_t i0,
+           int64_t i1) {
+  const int64_t H = g.H, ld = g.D * g.H;
+  for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = step_at(g, d, i);
     const int64_t rows = g.batch[t];
     if (rows == 0) continue;
@@ -91,6 +108,41 @@ void layer_forward(const Geometry& g, int64_t d, const Cell<T>& c, const T* x, i
     }
     activate(g, z, rows, ld);
   }
+}
+
+// Runs f(0..n-1) concurrently on torch's threads (inline when n == 1 or single-threaded).
+template <typename F>
+void run_tasks(int64_t n, const F& f) {
+  if (n <= 1 || at::get_num_threads() < 2) {
+    for (int64_t k = 0; k < n; ++k) f(k);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) f(k);
+  });
+}
+
+// Chunks of time steps for the layer wavefront: `count` chunks of `len` steps (the last may be
+// shorter).  A wave costs one parallel region, so chunks are kept at >= 4 steps.
+struct Chunks {
+  int64_t len = 1, count = 1;
+  Chunks(const Geometry& g) {
+    count = std::max<int64_t>(1, std::min<int64_t>(16, g.T / 4));
+    len = (g.T + count - 1) / count;
+    count = (g.T + len - 1) / len;
+  }
+  int64_t begin(int64_t c, int64_t T) const { return std::min(T, c * len); }
+  int64_t end(int64_t c, int64_t T) const { return std::min(T, (c + 1) * len); }
+};
+
+bool use_wavefront(const Geometry& g) {
+  return at::get_num_threads() > 1 && g.D == 1 && g.L > 1 && g.T >= 8;
+}
+
+// rows [r0, r1) of dst = a * b (dropout), all (N, DH) contiguous
+template <typename T>
+void mul_rows(T* dst, const T* a, const T* b, int64_t r0, int64_t r1, int64_t cols) {
+  for (int64_t i = r0 * cols; i < r1 * cols; ++i) dst[i] = a[i] * b[i];
 }
 
 // h_n of one direction: each row's state after its last processed step.
@@ -140,45 +192,106 @@ template <typename T>
 ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& hx,
                            const std::vector<at::Tensor>& w, double dropout, bool train,
                            bool need_grad) {
-  const int64_t DH = g.D * g.H;
+  const int64_t DH = g.D * g.H, L = g.L;
   const auto opts = input.options();
-  const bool use_dropout = train && dropout > 0 && g.L > 1;
+  const bool use_dropout = train && dropout > 0 && L > 1;
+  const bool wave = use_wavefront(g);
   at::Tensor x = input.contiguous();
   at::Tensor h0 = hx.contiguous();
   at::Tensor output = g.packed ? at::empty({g.N, DH}, opts) : at::empty({g.T, g.B, DH}, opts);
-  at::Tensor hy = at::empty({g.L * g.D, g.B, g.H}, opts);
-  at::Tensor ws = need_grad ? at::empty({g.L - 1, g.N, DH}, opts) : at::empty({0}, opts);
-  at::Tensor noise = (need_grad && use_dropout) ? at::empty({g.L - 1, g.N, DH}, opts)
-                                                : at::empty({0}, opts);
-  at::Tensor scratch[2];  // layer outputs when nothing is saved
-  at::Tensor layer_in = x;
-  for (int64_t l = 0; l < g.L; ++l) {
-    at::Tensor layer_out;
-    if (l == g.L - 1) {
-      layer_out = output;
+  at::Tensor hy = at::empty({L * g.D, g.B, g.H}, opts);
+  at::Tensor ws = need_grad ? at::empty({L - 1, g.N, DH}, opts) : at::empty({0}, opts);
+
+  // Where each layer writes: the saved workspace, or scratch (two alternating buffers when
+  // layers run one after the other, one per layer in the wavefront).
+  std::vector<at::Tensor> outs(L);
+  at::Tensor scratch[2];
+  for (int64_t l = 0; l < L; ++l) {
+    if (l == L - 1) {
+      outs[l] = output.view({g.N, DH});
     } else if (need_grad) {
-      layer_out = ws[l];
+      outs[l] = ws[l];
+    } else if (wave) {
+      outs[l] = at::empty({g.N, DH}, opts);
     } else {
       if (!scratch[l % 2].defined()) scratch[l % 2] = at::empty({g.N, DH}, opts);
-      layer_out = scratch[l % 2];
-    }
-    const int64_t in_size = g.layer_input_size(l);
-    for (int64_t d = 0; d < g.D; ++d) {
-      const T* h0_ld = h0.data_ptr<T>() + (l * g.D + d) * g.B * g.H;
-      T* out_d = layer_out.data_ptr<T>() + d * g.H;
-      layer_forward<T>(g, d, cell<T>(w, g, l, d), layer_in.data_ptr<T>(), in_size, h0_ld, out_d);
-      gather_final<T>(g, d, out_d, h0_ld, hy.data_ptr<T>() + (l * g.D + d) * g.B * g.H);
-    }
-    if (l < g.L - 1) {
-      layer_in = layer_out.view({g.N, DH});
-      if (use_dropout) {
-        at::Tensor nz = dropout_noise(layer_in, dropout);
-        if (need_grad) noise[l].copy_(nz);
-        layer_in = layer_in * nz;
-      }
+      outs[l] = scratch[l % 2];
     }
   }
-  return {output, hy, ws, noise};
+  // Dropout noise, drawn up front in layer order: the same draws as torch's layer-by-layer
+  // at::dropout, since nothing else draws in between.
+  std::vector<at::Tensor> noise(use_dropout ? L - 1 : 0), dropped(use_dropout ? L : 0);
+  for (int64_t l = 0; l + 1 < L && use_dropout; ++l) {
+    noise[l] = dropout_noise(outs[l], dropout);
+    dropped[l + 1] = at::empty({g.N, DH}, opts);
+  }
+  auto layer_in = [&](int64_t l) -> const T* {
+    if (l == 0) return x.data_ptr<T>();
+    return (use_dropout ? dropped[l] : outs[l - 1]).data_ptr<T>();
+  };
+  auto h0_of = [&](int64_t l, int64_t d) { return h0.data_ptr<T>() + (l * g.D + d) * g.B * g.H; };
+  auto out_of = [&](int64_t l, int64_t d) { return outs[l].data_ptr<T>() + d * g.H; };
+
+  if (wave) {
+    const Chunks ch(g);
+    for (int64_t wv = 0; wv < ch.count + L - 1; ++wv) {
+      const int64_t l_lo = std::max<int64_t>(0, wv - ch.count + 1), l_hi = std::min(L - 1, wv);
+      run_tasks(l_hi - l_lo + 1, [&](int64_t k) {
+        const int64_t l = l_lo + k, c = wv - l;
+        const int64_t i0 = ch.begin(c, g.T), i1 = ch.end(c, g.T);
+        const int64_t r0 = g.offset[i0], r1 = i1 < g.T ? g.offset[i1] : g.N;
+        if (l > 0 && use_dropout) {
+          mul_rows<T>(dropped[l].data_ptr<T>(), outs[l - 1].data_ptr<T>(),
+                      noise[l - 1].data_ptr<T>(), r0, r1, DH);
+        }
+        const auto cl = cell<T>(w, g, l, 0);
+        project<T>(g, cl, layer_in(l), g.layer_input_size(l), out_of(l, 0), r0, r1);
+        recur<T>(g, 0, cl, h0_of(l, 0), out_of(l, 0), i0, i1);
+      });
+    }
+  } else {
+    for (int64_t l = 0; l < L; ++l) {
+      if (l > 0 && use_dropout) at::mul_out(dropped[l], outs[l - 1], noise[l - 1]);
+      for (int64_t d = 0; d < g.D; ++d) {
+        project<T>(g, cell<T>(w, g, l, d), layer_in(l), g.layer_input_size(l), out_of(l, d), 0,
+                   g.N);
+      }
+      run_tasks(g.D, [&](int64_t d) {
+        recur<T>(g, d, cell<T>(w, g, l, d), h0_of(l, d), out_of(l, d), 0, g.T);
+      });
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t d = 0; d < g.D; ++d) {
+      gather_final<T>(g, d, out_of(l, d), h0_of(l, d),
+                      hy.data_ptr<T>() + (l * g.D + d) * g.B * g.H);
+    }
+  }
+  at::Tensor saved_noise =
+      (need_grad && use_dropout) ? at::stack(noise) : at::empty({0}, opts);
+  return {output, hy, ws, saved_noise};
+}
+
+// BPTT of one direction of one layer over steps [i0, i1) (processing order; walked backwards).
+// dy: gradient w.r.t. this direction's output columns (row stride D*H); dh: (B, H), carried.
+template <typename T>
+void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dy, T* dz,
+          T* dh, int64_t i0, int64_t i1) {
+  const int64_t H = g.H, DH = g.D * g.H;
+  for (int64_t i = i1 - 1; i >= i0; --i) {
+    const int64_t t = step_at(g, d, i);
+    const int64_t rows = g.batch[t];
+    if (rows == 0) continue;
+    const int64_t o = g.offset[t];
+    for (int64_t r = 0; r < rows; ++r) {  // dh += dy_t
+      const T* src = dy + (o + r) * DH;
+      T* dst = dh + r * H;
+      for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
+    }
+    cpu::act_backward<T>(g.relu, dh, H, h_out + o * DH, DH, dz + o * DH, DH, rows, H);
+    // dh_prev = dz W_hh; rows past `rows` keep their value (they have not started, or are done)
+    gemm<T>(false, false, rows, H, H, T(1), dz + o * DH, DH, c.w_hh, H, T(0), dh, H);
+  }
 }
 
 template <typename T>
@@ -187,95 +300,98 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
                              const at::Tensor& ws, const at::Tensor& noise,
                              const at::Tensor& grad_output, const at::Tensor& grad_hy,
                              const std::array<bool, 3>& mask) {
-  const int64_t H = g.H, DH = g.D * g.H;
+  const int64_t H = g.H, DH = g.D * g.H, L = g.L;
   const auto opts = input.options();
   const bool need_input = mask[0], need_hx = mask[1], need_w = mask[2];
+  const bool has_noise = noise.numel() > 0;
+  const bool wave = use_wavefront(g);
   at::Tensor x = input.contiguous().view({g.N, g.I});
   at::Tensor h0 = hx.contiguous();
-  at::Tensor out_top = output.contiguous().view({g.N, DH});
   at::Tensor ghy = grad_hy.defined() ? grad_hy.contiguous() : at::Tensor();
 
-  at::Tensor grad_hx = need_hx ? at::empty_like(h0) : at::empty({0}, opts);
+  // Per layer: its output, its dZ (N, D*H), the gradient w.r.t. its output dY (N, D*H).
+  std::vector<at::Tensor> outs(L), dZ(L), dY(L);
+  for (int64_t l = 0; l < L; ++l) {
+    outs[l] = l == L - 1 ? output.contiguous().view({g.N, DH}) : ws[l];
+    dZ[l] = at::empty({g.N, DH}, opts);
+    if (l < L - 1) dY[l] = at::empty({g.N, DH}, opts);
+  }
+  dY[L - 1] = grad_output.defined() ? grad_output.contiguous().view({g.N, DH})
+                                    : at::zeros({g.N, DH}, opts);
+  // dh per (layer, direction), starting from grad_hy; ends as grad_hx.
+  at::Tensor dh = ghy.defined() ? ghy.clone() : at::zeros({L * g.D, g.B, H}, opts);
+  auto dh_of = [&](int64_t l, int64_t d) { return dh.data_ptr<T>() + (l * g.D + d) * g.B * H; };
+  // dY_l rows [r0, r1) = (sum_d dZ_{l+1,d} W_ih_{l+1,d}) * noise_l
+  auto input_grad_rows = [&](int64_t l, int64_t r0, int64_t r1) {
+    if (r1 <= r0) return;
+    T* dst = dY[l].data_ptr<T>() + r0 * DH;
+    for (int64_t d = 0; d < g.D; ++d) {
+      gemm<T>(false, false, r1 - r0, DH, H, T(1), dZ[l + 1].data_ptr<T>() + r0 * DH + d * H, DH,
+              cell<T>(w, g, l + 1, d).w_ih, DH, d == 0 ? T(0) : T(1), dst, DH);
+    }
+    if (has_noise) mul_rows<T>(dY[l].data_ptr<T>(), dY[l].data_ptr<T>(), noise[l].data_ptr<T>(), r0, r1, DH);
+  };
+  auto run_bptt = [&](int64_t l, int64_t d, int64_t i0, int64_t i1) {
+    bptt<T>(g, d, cell<T>(w, g, l, d), outs[l].data_ptr<T>() + d * H,
+            dY[l].data_ptr<T>() + d * H, dZ[l].data_ptr<T>() + d * H, dh_of(l, d), i0, i1);
+  };
+
+  if (wave) {
+    // Mirror of the forward wavefront: layer L-1 walks chunks from the last; layer l follows
+    // one chunk behind layer l+1, whose dZ rows it turns into its own dY rows.
+    const Chunks ch(g);
+    for (int64_t wv = 0; wv < ch.count + L - 1; ++wv) {
+      const int64_t j_lo = std::max<int64_t>(0, wv - ch.count + 1), j_hi = std::min(L - 1, wv);
+      run_tasks(j_hi - j_lo + 1, [&](int64_t k) {
+        const int64_t l = L - 1 - (j_lo + k), c = ch.count - 1 - (wv - (j_lo + k));
+        const int64_t i0 = ch.begin(c, g.T), i1 = ch.end(c, g.T);
+        const int64_t r0 = g.offset[i0], r1 = i1 < g.T ? g.offset[i1] : g.N;
+        if (l < L - 1) input_grad_rows(l, r0, r1);
+        run_bptt(l, 0, i0, i1);
+      });
+    }
+  } else {
+    for (int64_t l = L - 1; l >= 0; --l) {
+      if (l < L - 1) input_grad_rows(l, 0, g.N);
+      run_tasks(g.D, [&](int64_t d) { run_bptt(l, d, 0, g.T); });
+    }
+  }
+
+  // Weight and bias gradients: large GEMMs over all steps.
   std::vector<at::Tensor> grad_w;
   if (need_w) {
     for (const auto& wi : w) grad_w.push_back(at::empty_like(wi));
-  }
-  // dY: gradient w.r.t. the current layer's output (N, D*H).
-  at::Tensor dY = grad_output.defined() ? grad_output.contiguous().view({g.N, DH})
-                                        : at::zeros({g.N, DH}, opts);
-  at::Tensor dZ = at::empty({g.N, DH}, opts);
-  at::Tensor dh = at::empty({g.B, H}, opts);
-  at::Tensor prev = need_w ? at::empty({g.N, H}, opts) : at::Tensor();
-  at::Tensor grad_input;
-
-  for (int64_t l = g.L - 1; l >= 0; --l) {
-    const at::Tensor layer_out = l == g.L - 1 ? out_top : ws[l];
-    at::Tensor layer_in = x;
-    if (l > 0) {
-      layer_in = ws[l - 1];
-      if (noise.numel() > 0) layer_in = layer_in * noise[l - 1];
-    }
-    const int64_t in_size = g.layer_input_size(l);
-    for (int64_t d = 0; d < g.D; ++d) {
-      const auto c = cell<T>(w, g, l, d);
-      const T* h_out = layer_out.data_ptr<T>() + d * H;
-      const T* dy = dY.data_ptr<T>() + d * H;
-      T* dz = dZ.data_ptr<T>() + d * H;
-      T* dhp = dh.data_ptr<T>();
-      if (ghy.defined()) {
-        dh.copy_(ghy[l * g.D + d]);
-      } else {
-        dh.zero_();
-      }
-      for (int64_t i = g.T - 1; i >= 0; --i) {
-        const int64_t t = step_at(g, d, i);
-        const int64_t rows = g.batch[t];
-        if (rows == 0) continue;
-        const int64_t o = g.offset[t];
-        // dh += dy_t
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* src = dy + (o + r) * DH;
-          T* dst = dhp + r * H;
-          for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
-        }
-        cpu::act_backward<T>(g.relu, dhp, H, h_out + o * DH, DH, dz + o * DH, DH, rows, H);
-        // dh_{prev} = dz W_hh
-        gemm<T>(false, false, rows, H, H, T(1), dz + o * DH, DH, c.w_hh, H, T(0), dhp, H);
-      }
-      if (need_hx) {
-        std::copy(dhp, dhp + g.B * H, grad_hx.data_ptr<T>() + (l * g.D + d) * g.B * H);
-      }
-      if (need_w) {
+    at::Tensor prev = at::empty({g.N, H}, opts);
+    for (int64_t l = 0; l < L; ++l) {
+      at::Tensor layer_in = l == 0 ? x : (has_noise ? ws[l - 1] * noise[l - 1] : ws[l - 1]);
+      const int64_t in_size = g.layer_input_size(l);
+      for (int64_t d = 0; d < g.D; ++d) {
         const int64_t base = (l * g.D + d) * g.weights_per_cell();
-        // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = sum over rows of dZ
+        const T* dz = dZ[l].data_ptr<T>() + d * H;
+        // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = column sums of dZ
         gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in.data_ptr<T>(), in_size,
                 T(0), grad_w[base].data_ptr<T>(), in_size);
-        gather_prev<T>(g, d, h_out, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
+        gather_prev<T>(g, d, outs[l].data_ptr<T>() + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
                        prev.data_ptr<T>());
         gemm<T>(true, false, H, H, g.N, T(1), dz, DH, prev.data_ptr<T>(), H, T(0),
                 grad_w[base + 1].data_ptr<T>(), H);
         if (g.has_biases) {
-          at::sum_out(grad_w[base + 2], dZ.narrow(1, d * H, H), {0});
+          at::sum_out(grad_w[base + 2], dZ[l].narrow(1, d * H, H), {0});
           grad_w[base + 3].copy_(grad_w[base + 2]);
         }
       }
     }
-    if (l == 0 && !need_input) break;
-    // gradient w.r.t. this layer's input: sum over directions of dZ_d W_ih_d
-    at::Tensor dX = at::empty({g.N, in_size}, opts);
-    for (int64_t d = 0; d < g.D; ++d) {
-      const auto c = cell<T>(w, g, l, d);
-      gemm<T>(false, false, g.N, in_size, H, T(1), dZ.data_ptr<T>() + d * H, DH, c.w_ih,
-              in_size, d == 0 ? T(0) : T(1), dX.data_ptr<T>(), in_size);
-    }
-    if (l > 0) {
-      if (noise.numel() > 0) dX.mul_(noise[l - 1]);
-      dY = dX;
-    } else {
-      grad_input = dX.view(input.sizes());
-    }
   }
-  if (!grad_input.defined()) grad_input = at::empty({0}, opts);
+  at::Tensor grad_input = at::empty({0}, opts);
+  if (need_input) {
+    grad_input = at::empty({g.N, g.I}, opts);
+    for (int64_t d = 0; d < g.D; ++d) {
+      gemm<T>(false, false, g.N, g.I, H, T(1), dZ[0].data_ptr<T>() + d * H, DH,
+              cell<T>(w, g, 0, d).w_ih, g.I, d == 0 ? T(0) : T(1), grad_input.data_ptr<T>(), g.I);
+    }
+    grad_input = grad_input.view(input.sizes());
+  }
+  at::Tensor grad_hx = need_hx ? dh : at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};
 }
 
