@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark suite (bench/bench.py): it runs on a tiny grid and writes its
+JSON and plots.  Benchmarks are not tests: no timing is asserted here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench", "bench.py")
+
+pytest.importorskip("matplotlib")
+
+
+def test_bench_smoke(tmp_path):
+    # compiled_reference with a tiny compile budget: exercises the "skip, record, go on" path
+    # without paying for a torch.compile in the test suite.
+    cmd = [
+        sys.executable, BENCH, "--device", "cpu", "--grid", "5,4,1,3,2;6,2,4,8,1",
+        "--modes", "fwd,train", "--repeats", "3", "--warmup", "1", "--min-sample-ms", "1",
+        "--compile-timeout", "0.001", "--floor-size", "256", "--no-progress",
+        "--out", str(tmp_path), "--name", "smoke",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "geomean speedup" in proc.stdout
+
+    with open(tmp_path / "smoke.json") as f:
+        res = json.load(f)
+    for key in ("date", "command", "machine", "config", "floor", "rows", "summary"):
+        assert key in res
+    m = res["machine"]
+    for key in ("hostname", "cpu_model", "logical_cores", "torch", "torch_threads"):
+        assert key in m
+    assert res["floor"]["start"]["float32"]["gflops"] > 0
+
+    rows = res["rows"]
+    assert len(rows) == 4  # 2 points x 1 dtype x 2 modes
+    assert {(r["mode"], r["T"], r["B"], r["I"], r["H"], r["L"]) for r in rows} == {
+        (mode, *p) for mode in ("fwd", "train") for p in ((5, 4, 1, 3, 2), (6, 2, 4, 8, 1))
+    }
+    for r in rows:
+        assert r["dtype"] == "float32"
+        for key in ("rnn_ext_ms", "torch_ms", "speedup_vs_torch", "rnn_ext_gflops",
+                    "floor_ms", "frac_of_floor", "flops"):
+            assert isinstance(r[key], float) or isinstance(r[key], int), key
+            assert r[key] > 0, key
+        for c in ("rnn_ext", "torch"):
+            e = r["contenders"][c]
+            assert e["min_ms"] <= e["median_ms"] <= e["max_ms"]
+            assert len(e["samples_ms"]) == 3
+        assert r["contenders"]["rnn_ext"]["max_abs_diff_vs_torch"] < 1e-4
+        comp = r["contenders"]["compiled_reference"]
+        assert "skipped" in comp  # the compile could not finish in 1 ms
+        assert r["compiled_reference_ms"] is None
+    fwd_flops = {(r["T"], r["B"]): r["flops"] for r in rows if r["mode"] == "fwd"}
+    assert fwd_flops[(5, 4)] == 2 * 5 * 4 * ((1 + 3) * 3 + (3 + 3) * 3)
+    assert {"fwd", "train"} <= set(res["summary"])
+
+    for name in ("smoke_speedup_vs_B.png", "smoke_speedup_vs_H.png"):
+        p = tmp_path / name
+        assert p.exists() and p.stat().st_size > 1000
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
