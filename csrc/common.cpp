@@ -1,6 +1,7 @@
 // Argument checks and helpers shared by every backend.
 #include "rnn_ext.h"
 
+#include <limits>
 #include <sstream>
 
 namespace rnn_ext {
@@ -63,11 +64,15 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
   TORCH_CHECK(hx.scalar_type() == wdtype, "mat1 and mat2 must have the same dtype, but got ",
               hx.scalar_type(), " and ", wdtype);
 
+  TORCH_CHECK(weights[0].dim() == 2 && weights[1].dim() == 2,
+              "rnn_ext: weight_ih and weight_hh must be 2-D, got ", weights[0].dim(), "-D and ",
+              weights[1].dim(), "-D");
   g.H = weights[1].size(0);
   g.I = input.size(-1);
-  TORCH_CHECK(weights[0].dim() == 2 && weights[0].size(1) == g.I,
-              "input.size(-1) must be equal to input_size. Expected ",
-              weights[0].dim() == 2 ? weights[0].size(1) : -1, ", got ", g.I);
+  TORCH_CHECK(g.H > 0, "hidden_size must be greater than zero");
+  TORCH_CHECK(weights[0].size(1) == g.I, "input.size(-1) must be equal to input_size. Expected ",
+              weights[0].size(1), ", got ", g.I);
+  TORCH_CHECK(g.I > 0, "input_size must be greater than zero");
 
   // Time steps.
   if (g.packed) {
@@ -85,6 +90,8 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
                   "got ", p[t - 1 >= 0 ? t - 1 : 0], " then ", p[t], " at step ", t);
       g.batch.push_back(p[t]);
       g.offset.push_back(total);
+      TORCH_CHECK(p[t] <= std::numeric_limits<int64_t>::max() - total,
+                  "rnn_ext: batch_sizes overflow int64 when summed");
       total += p[t];
     }
     TORCH_CHECK(total == input.size(0), "rnn_ext: batch_sizes sum to ", total,

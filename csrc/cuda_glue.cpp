@@ -21,11 +21,16 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cuda/rnn_kernels.h"
+#include "cuda/rnn_persistent.h"
 #include "rnn_ext.h"
 
 namespace rnn_ext {
@@ -148,7 +153,103 @@ at::Tensor stacked_w_ih(const Geometry& g, const std::vector<at::Tensor>& w, int
   return at::cat({w[(l * g.D) * pc], w[(l * g.D + 1) * pc]}, 0);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Which recurrence kernel the forward runs (issue 5): "step" (one fused kernel per step, the
+// default until the persistent kernel is verified on a GPU), "persistent" (one cooperative
+// launch per layer where feasible, else the step path), "auto" (persistent where feasible and
+// B <= kAutoMaxBatch).  RNN_EXT_CUDA_KERNEL sets the initial value.
+enum class KernelMode : int { kStep = 0, kAuto = 1, kPersistent = 2 };
+enum class KernelUsed : int { kNone = 0, kStep = 1, kPersistent = 2, kMixed = 3 };
+constexpr int64_t kAutoMaxBatch = 128;
+
+bool parse_kernel_mode(const std::string& name, KernelMode* mode) {
+  if (name == "step") {
+    *mode = KernelMode::kStep;
+  } else if (name == "auto") {
+    *mode = KernelMode::kAuto;
+  } else if (name == "persistent") {
+    *mode = KernelMode::kPersistent;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+const char* kernel_mode_name(KernelMode m) {
+  return m == KernelMode::kAuto ? "auto" : m == KernelMode::kPersistent ? "persistent" : "step";
+}
+
+std::atomic<int>& kernel_mode_state() {
+  static std::atomic<int> mode{[] {
+    KernelMode m = KernelMode::kStep;
+    const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
+    if (env != nullptr && *env != '\0' && !parse_kernel_mode(env, &m)) {
+      TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_KERNEL=", env,
+                 " (expected auto, step or persistent); using step");
+      m = KernelMode::kStep;
+    }
+    return static_cast<int>(m);
+  }()};
+  return mode;
+}
+
+std::atomic<int> last_kernel_used{static_cast<int>(KernelUsed::kNone)};
+
+// Runs the recurrence of both directions of one layer with the persistent kernel when the
+// switch asks for it and it is feasible; false (nothing enqueued) otherwise.  The layer output
+// must already hold the projections.  Uniform batch only (dense, or packed with equal lengths).
+bool try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& w,
+                            int64_t l, const at::Tensor& h0, at::Tensor& layer_out,
+                            cudaStream_t stream) {
+  const auto mode = static_cast<KernelMode>(kernel_mode_state().load());
+  if (mode == KernelMode::kStep) return false;
+  if (mode == KernelMode::kAuto && g.B > kAutoMaxBatch) return false;
+  for (int64_t t = 0; t < g.T; ++t) {
+    if (g.batch[t] != g.B || g.offset[t] != t * g.B) return false;
+  }
+  const int64_t pc = g.weights_per_cell(), es = layer_out.element_size();
+  gpu::PersistentForward a;
+  a.T = g.T;
+  a.B = g.B;
+  a.H = g.H;
+  a.ld = g.D * g.H;
+  a.D = static_cast<int>(g.D);
+  a.relu = g.relu;
+  for (int64_t d = 0; d < g.D; ++d) {
+    const int64_t base = (l * g.D + d) * pc;
+    a.dir[d].w_hh = w[base + 1].const_data_ptr();
+    a.dir[d].b_hh = g.has_biases ? w[base + 3].const_data_ptr() : nullptr;
+    a.dir[d].h0 = h0[l * g.D + d].const_data_ptr();
+    a.dir[d].out = advance(layer_out.data_ptr(), d * g.H, es);
+  }
+  gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
+  C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status));
+  return status == gpu::PersistentStatus::kLaunched;
+}
+
 }  // namespace
+
+std::string set_cuda_kernel_mode(const std::string& name) {
+  KernelMode m;
+  TORCH_CHECK(parse_kernel_mode(name, &m), "rnn_ext.set_cuda_kernel: unknown kernel '", name,
+              "'; expected one of 'auto', 'step', 'persistent'");
+  const int prev = kernel_mode_state().exchange(static_cast<int>(m));
+  return kernel_mode_name(static_cast<KernelMode>(prev));
+}
+
+std::string last_cuda_kernel_used() {
+  switch (static_cast<KernelUsed>(last_kernel_used.load())) {
+    case KernelUsed::kStep:
+      return "step";
+    case KernelUsed::kPersistent:
+      return "persistent";
+    case KernelUsed::kMixed:
+      return "mixed";
+    case KernelUsed::kNone:
+      break;
+  }
+  return "none";
+}
 
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights,
@@ -177,6 +278,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                                 : at::empty({0}, opts);
   at::Tensor scratch[2];  // layer outputs when nothing is saved
   at::Tensor layer_in = x;
+  int used = 0;  // bit 0: a step-path recurrence ran, bit 1: a persistent one
   for (int64_t l = 0; l < g.L; ++l) {
     at::Tensor layer_out;
     if (l == g.L - 1) {
@@ -187,21 +289,29 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
       if (!scratch[l % 2].defined()) scratch[l % 2] = at::empty({g.N, DH}, opts);
       layer_out = scratch[l % 2];
     }
+    // 1. projection of every step, b_ih folded in (b_hh is added by the recurrence kernels),
+    //    into each direction's columns of the layer output (row stride D*H).
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t base = (l * g.D + d) * pc;
-      // 1. projection of every step, b_ih folded in (b_hh is added by the step kernel).
       at::Tensor out_d = layer_out.narrow(1, d * H, H);  // (N, H), row stride D*H
       if (g.has_biases) {
         at::addmm_out(out_d, w[base + 2], layer_in, w[base].t());
       } else {
         at::mm_out(out_d, layer_in, w[base].t());
       }
-      // 2. recurrence.
-      void* out_p = out_d.data_ptr();
+    }
+    // 2. recurrence: both directions in one persistent launch where selected and feasible,
+    //    else one fused kernel per step and direction.
+    const bool persistent =
+        g.N > 0 && try_persistent_forward(g, dt, w, l, h0, layer_out, stream);
+    if (g.N > 0) used |= persistent ? 2 : 1;
+    for (int64_t d = 0; d < g.D; ++d) {
+      const int64_t base = (l * g.D + d) * pc;
+      void* out_p = advance(layer_out.data_ptr(), d * H, es);
       const void* h0_p = h0[l * g.D + d].data_ptr();  // (B, H) contiguous
       const void* whh = w[base + 1].data_ptr();
       const void* bhh = g.has_biases ? w[base + 3].data_ptr() : nullptr;
-      for (int64_t i = 0; i < g.T; ++i) {
+      for (int64_t i = 0; i < g.T && !persistent; ++i) {
         const int64_t t = step_at(g, d, i);
         const int64_t rows = g.batch[t];
         if (rows == 0) continue;
@@ -231,6 +341,11 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
         layer_in = layer_in * nz;
       }
     }
+  }
+  if (used != 0) {
+    last_kernel_used.store(static_cast<int>(used == 1   ? KernelUsed::kStep
+                                            : used == 2 ? KernelUsed::kPersistent
+                                                        : KernelUsed::kMixed));
   }
   return {output, hy, ws, noise};
 }
@@ -360,6 +475,37 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   }
   if (!grad_input.defined()) grad_input = at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};
+}
+
+namespace {
+
+// Diagnostics of the persistent kernel for tests and bench/NOTES.md (CUDA builds only):
+//   _cuda_persistent_plan(dtype, H, D) -> [blocks, threads, smem_bytes, max_coresident,
+//                                          registers, status (0 = feasible)]  on the current device
+//   _cuda_grid_barrier_us(blocks, steps) -> microseconds per grid.sync() of `blocks` blocks
+//                                           (synchronises; not for use inside a model)
+std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64_t D) {
+  TORCH_CHECK(D == 1 || D == 2, "rnn_ext: D must be 1 or 2");
+  gpu::PersistentPlan plan;
+  C10_CUDA_CHECK(gpu::persistent_forward_plan(kernel_dtype(dtype), H, static_cast<int>(D), &plan));
+  return {plan.blocks, plan.threads, plan.smem_bytes, plan.max_coresident, plan.registers,
+          static_cast<int64_t>(plan.status)};
+}
+
+double cuda_grid_barrier_us(int64_t blocks, int64_t steps) {
+  TORCH_CHECK(blocks > 0 && blocks <= 0x7fffffff && steps > 0,
+              "rnn_ext: blocks and steps must be positive");
+  double us = 0;
+  C10_CUDA_CHECK(gpu::grid_barrier_benchmark(static_cast<int>(blocks), steps,
+                                             c10::cuda::getCurrentCUDAStream(), &us));
+  return us;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
+  m.def("_cuda_persistent_plan(ScalarType dtype, int H, int D) -> int[]", &cuda_persistent_plan);
+  m.def("_cuda_grid_barrier_us(int blocks, int steps) -> float", &cuda_grid_barrier_us);
 }
 
 }  // namespace rnn_ext

@@ -3,6 +3,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "rnn_ext.h"
@@ -17,7 +20,35 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace rnn_ext {
 
+#ifdef RNN_EXT_WITH_CUDA
+// The CUDA recurrence kernel switch (csrc/cuda_glue.cpp).
+std::string set_cuda_kernel_mode(const std::string& name);
+std::string last_cuda_kernel_used();
+#endif
+
 namespace {
+// set_cuda_kernel(name) -> the previous setting; cuda_kernel_used() -> what the last CUDA
+// forward's recurrence ran ("step", "persistent", "mixed", or "none" before any / without
+// CUDA).  A CPU-only build validates and keeps the setting, and always reports "none".
+#ifdef RNN_EXT_WITH_CUDA
+std::string set_cuda_kernel(const std::string& name) { return set_cuda_kernel_mode(name); }
+std::string cuda_kernel_used() { return last_cuda_kernel_used(); }
+#else
+std::string set_cuda_kernel(const std::string& name) {
+  static std::string current = [] {  // as the CUDA build: RNN_EXT_CUDA_KERNEL, else "step"
+    const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
+    const std::string v = env != nullptr ? env : "";
+    return v == "auto" || v == "persistent" ? v : std::string("step");
+  }();
+  TORCH_CHECK(name == "auto" || name == "step" || name == "persistent",
+              "rnn_ext.set_cuda_kernel: unknown kernel '", name,
+              "'; expected one of 'auto', 'step', 'persistent'");
+  std::string prev = current;
+  current = name;
+  return prev;
+}
+std::string cuda_kernel_used() { return "none"; }
+#endif
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
 // The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
 at::Tensor cpu_activation(const at::Tensor& x, bool relu) {
@@ -61,6 +92,8 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
+  m.def("set_cuda_kernel(str name) -> str", &set_cuda_kernel);
+  m.def("cuda_kernel_used() -> str", &cuda_kernel_used);
 }
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {

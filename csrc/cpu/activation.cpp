@@ -29,7 +29,8 @@ namespace {
 // torch.tanh over a dense sweep).  Branch-free:
 //   |x| < 0.4:  odd Taylor series to x^13 (the next term is below 2^-27 relative);
 //   otherwise:  sign(x) * (1 - 2 / (exp(2|x|) + 1)), exp by range reduction to |r| <= ln2/2
-//               and a degree-7 Taylor polynomial; |x| is capped at 9, where tanh rounds to 1.
+//               and a degree-7 Taylor polynomial; |x| is capped at 10 (float tanh rounds to
+//               exactly 1 from about 9.011 on; exp(20) is far inside the float range).
 // NaN propagates (the selects keep it), +-inf gives +-1.
 RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x) {
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
@@ -43,8 +44,8 @@ RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x)
   s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1.f / 3.f));
   const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(x, x2), s, x);
 
-  // min(a, 9) with NaN kept: _mm256_min_ps returns the second operand when either is NaN.
-  const __m256 ac = _mm256_min_ps(_mm256_set1_ps(9.f), a);
+  // min(a, 10) with NaN kept: _mm256_min_ps returns the second operand when either is NaN.
+  const __m256 ac = _mm256_min_ps(_mm256_set1_ps(10.f), a);
   const __m256 y = _mm256_add_ps(ac, ac);  // >= 0
   const __m256 nf = _mm256_floor_ps(_mm256_fmadd_ps(y, _mm256_set1_ps(1.44269504088896341f),
                                                     _mm256_set1_ps(0.5f)));
@@ -58,7 +59,7 @@ RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x)
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i n = _mm256_cvttps_epi32(nf);  // 0..26 (garbage for NaN, masked by p = NaN)
+  const __m256i n = _mm256_cvttps_epi32(nf);  // 0..29 (garbage for NaN, masked by p = NaN)
   const __m256 scale =
       _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
   const __m256 e = _mm256_mul_ps(p, scale);

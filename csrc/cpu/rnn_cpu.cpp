@@ -419,6 +419,9 @@ ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
+  // aten's check, made where aten's RNN applies dropout
+  TORCH_CHECK(!(train && num_layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
+              "dropout probability has to be between 0 and 1, but got ", dropout);
   const auto dt = input.scalar_type();
   if (is_reduced(dt)) {
     // float16 / bfloat16: compute in float32, round the results (as torch's CPU RNN accumulates
@@ -453,7 +456,8 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
   TORCH_CHECK(noise.numel() == 0 || noise.numel() == (g.L - 1) * g.N * DH,
               "rnn_ext: the dropout noise does not match the forward");
   if (grad_output.has_value() && grad_output->defined()) {
-    TORCH_CHECK(grad_output->numel() == g.N * DH, "rnn_ext: grad_output has the wrong size");
+    TORCH_CHECK(grad_output->sizes() == output.sizes(), "rnn_ext: grad_output has shape ",
+                grad_output->sizes(), ", expected ", output.sizes());
   }
   if (grad_hy.has_value() && grad_hy->defined()) {
     TORCH_CHECK(grad_hy->sizes() == hx.sizes(), "rnn_ext: grad_hy has the wrong size");
