@@ -22,6 +22,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/blas.h"
+#include "cpu/step_kernel.h"
 #include "rnn_ext.h"
 
 namespace rnn_ext {
@@ -36,6 +37,8 @@ struct Cell {
   const T* w_hh;  // (H, H)
   const T* b_ih;  // (H) or null
   const T* b_hh;  // (H) or null
+  // float32 with the step kernel: W_hh packed as its panel (forward: W_hh^T; backward: W_hh)
+  const T* panel = nullptr;
 };
 
 template <typename T>
@@ -82,6 +85,22 @@ void project(const Geometry& g, const Cell<T>& c, const T* x, int64_t in_size, T
           beta, out + r0 * ld, ld);
 }
 
+// z (rows x H, row stride ld) = act(z + a W_hh^T), a: (rows x H) with row stride lda.
+template <typename T>
+void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, int64_t rows,
+                  T* z, int64_t ld) {
+  if (rows == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.panel != nullptr) {
+      cpu::step_gemm(rows, g.H, g.H, a, lda, c.panel, z, ld, true,
+                     g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh);
+      return;
+    }
+  }
+  gemm<T>(false, true, rows, g.H, g.H, T(1), a, lda, c.w_hh, g.H, T(1), z, ld);
+  activate(g, z, rows, ld);
+}
+
 // The recurrence over steps [i0, i1) in this direction's processing order.
 template <typename T>
 void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, int64_t i0,
@@ -93,21 +112,43 @@ void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, 
     if (rows == 0) continue;
     T* z = out + g.offset[t] * ld;
     if (i == 0) {
-      gemm<T>(false, true, rows, H, H, T(1), h0, H, c.w_hh, H, T(1), z, ld);
+      step_forward<T>(g, c, h0, H, rows, z, ld);
     } else {
       const int64_t tp = step_at(g, d, i - 1);  // previous step in processing order
       // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows rows
       // continue; the others start here from h0.
       const int64_t cont = std::min(rows, g.batch[tp]);
-      gemm<T>(false, true, cont, H, H, T(1), out + g.offset[tp] * ld, ld, c.w_hh, H, T(1), z,
-              ld);
-      if (cont < rows) {
-        gemm<T>(false, true, rows - cont, H, H, T(1), h0 + cont * H, H, c.w_hh, H, T(1),
-                z + cont * ld, ld);
+      step_forward<T>(g, c, out + g.offset[tp] * ld, ld, cont, z, ld);
+      step_forward<T>(g, c, h0 + cont * H, H, rows - cont, z + cont * ld, ld);
+    }
+  }
+}
+
+// W_hh of every (layer, direction) packed for the float32 step kernel (transposed for the
+// forward step), or nothing where the kernel does not apply.
+template <typename T>
+std::vector<at::Tensor> step_panels(const Geometry& g, const std::vector<at::Tensor>& w,
+                                    bool transpose) {
+  std::vector<at::Tensor> panels;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!cpu::step_kernel_available()) return panels;
+    for (int64_t l = 0; l < g.L; ++l) {
+      for (int64_t d = 0; d < g.D; ++d) {
+        at::Tensor p = at::empty({g.H, cpu::panel_width(g.H)}, w[0].options());
+        cpu::pack_panel(cell<T>(w, g, l, d).w_hh, g.H, g.H, g.H, transpose, p.data_ptr<float>());
+        panels.push_back(p);
       }
     }
-    activate(g, z, rows, ld);
   }
+  return panels;
+}
+
+template <typename T>
+Cell<T> cell_with_panel(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& panels,
+                        const Geometry& g, int64_t l, int64_t d) {
+  Cell<T> c = cell<T>(w, g, l, d);
+  if (!panels.empty()) c.panel = panels[l * g.D + d].data_ptr<T>();
+  return c;
 }
 
 // Runs f(0..n-1) concurrently on torch's threads (inline when n == 1 or single-threaded).
@@ -230,6 +271,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
     return (use_dropout ? dropped[l] : outs[l - 1]).data_ptr<T>();
   };
   auto h0_of = [&](int64_t l, int64_t d) { return h0.data_ptr<T>() + (l * g.D + d) * g.B * g.H; };
+  const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/true);
   auto out_of = [&](int64_t l, int64_t d) { return outs[l].data_ptr<T>() + d * g.H; };
 
   if (wave) {
@@ -244,7 +286,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
           mul_rows<T>(dropped[l].data_ptr<T>(), outs[l - 1].data_ptr<T>(),
                       noise[l - 1].data_ptr<T>(), r0, r1, DH);
         }
-        const auto cl = cell<T>(w, g, l, 0);
+        const auto cl = cell_with_panel<T>(w, panels, g, l, 0);
         project<T>(g, cl, layer_in(l), g.layer_input_size(l), out_of(l, 0), r0, r1);
         recur<T>(g, 0, cl, h0_of(l, 0), out_of(l, 0), i0, i1);
       });
@@ -257,7 +299,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
                    g.N);
       }
       run_tasks(g.D, [&](int64_t d) {
-        recur<T>(g, d, cell<T>(w, g, l, d), h0_of(l, d), out_of(l, d), 0, g.T);
+        recur<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), h0_of(l, d), out_of(l, d), 0, g.T);
       });
     }
   }
@@ -290,6 +332,12 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
     }
     cpu::act_backward<T>(g.relu, dh, H, h_out + o * DH, DH, dz + o * DH, DH, rows, H);
     // dh_prev = dz W_hh; rows past `rows` keep their value (they have not started, or are done)
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.panel != nullptr) {
+        cpu::step_gemm(rows, H, H, dz + o * DH, DH, c.panel, dh, H, false, cpu::StepAct::kNone);
+        continue;
+      }
+    }
     gemm<T>(false, false, rows, H, H, T(1), dz + o * DH, DH, c.w_hh, H, T(0), dh, H);
   }
 }
@@ -331,8 +379,9 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
     }
     if (has_noise) mul_rows<T>(dY[l].data_ptr<T>(), dY[l].data_ptr<T>(), noise[l].data_ptr<T>(), r0, r1, DH);
   };
+  const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/false);
   auto run_bptt = [&](int64_t l, int64_t d, int64_t i0, int64_t i1) {
-    bptt<T>(g, d, cell<T>(w, g, l, d), outs[l].data_ptr<T>() + d * H,
+    bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l].data_ptr<T>() + d * H,
             dY[l].data_ptr<T>() + d * H, dZ[l].data_ptr<T>() + d * H, dh_of(l, d), i0, i1);
   };
 

@@ -1,0 +1,33 @@
+// The recurrent step of the float32 CPU path: a small GEMM with the nonlinearity fused in.
+//
+//   C[r, j] = act(C[r, j] + sum_k A[r, k] * Bp[k, j])      r < M, j < N
+//
+// Bp is the (K x N) right operand packed by pack_panel: column blocks of 16, each a contiguous
+// (K x 16) slab, zero-padded past N:
+// W_hh^T for the forward step (act = tanh/relu), W_hh itself for the backward step
+// (act = none, C overwritten instead of accumulated).  An AVX2+FMA register-blocked kernel
+// (6 rows x 16 columns of C in 12 ymm accumulators): at the per-step sizes of an RNN (a few to a
+// few hundred rows) it is several times faster than a BLAS call on this machine's MKL, and the
+// nonlinearity runs while the block is still in registers.
+#pragma once
+
+#include <cstdint>
+
+namespace rnn_ext::cpu {
+
+enum class StepAct { kNone, kTanh, kRelu };
+
+// True when this CPU runs the kernel (AVX2 and FMA); otherwise callers use BLAS.
+bool step_kernel_available();
+
+inline int64_t panel_width(int64_t n) { return (n + 15) / 16 * 16; }
+
+// dst (K * panel_width(N) floats) <- src viewed as (K x N) with row stride lds (or, with
+// transpose, src is (N x K) and the operand is its transpose), packed as step_gemm reads it.
+void pack_panel(const float* src, int64_t lds, int64_t K, int64_t N, bool transpose, float* dst);
+
+// accumulate: C += A Bp before act; otherwise C = A Bp before act.
+void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+               float* C, int64_t ldc, bool accumulate, StepAct act);
+
+}  // namespace rnn_ext::cpu
