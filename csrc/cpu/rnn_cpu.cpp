@@ -17,6 +17,9 @@
 //     layer l computes chunk c, layer l+1 computes chunk c-1 (backward: the mirror image).
 // Inside such a task BLAS runs single-threaded (it is called from a parallel region).
 #include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <string>
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -85,13 +88,23 @@ void project(const Geometry& g, const Cell<T>& c, const T* x, int64_t in_size, T
           beta, out + r0 * ld, ld);
 }
 
+// Large steps with several threads free go to BLAS: its multi-threaded GEMM keeps the cores'
+// FMA units busier than the single-stream step kernel does once a step is big enough.
+bool blas_step(int64_t rows, int64_t H) {
+  static const int64_t min_fma = [] {
+    const char* v = std::getenv("RNN_EXT_STEP_BLAS_MIN");
+    return v == nullptr ? (int64_t(1) << 17) : std::atoll(v);
+  }();
+  return rows * H * H >= min_fma && at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 // z (rows x H, row stride ld) = act(z + a W_hh^T), a: (rows x H) with row stride lda.
 template <typename T>
 void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, int64_t rows,
                   T* z, int64_t ld) {
   if (rows == 0) return;
   if constexpr (std::is_same_v<T, float>) {
-    if (c.panel != nullptr) {
+    if (c.panel != nullptr && !blas_step(rows, g.H)) {
       cpu::step_gemm(rows, g.H, g.H, a, lda, c.panel, z, ld, true,
                      g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh);
       return;
@@ -151,10 +164,24 @@ Cell<T> cell_with_panel(const std::vector<at::Tensor>& w, const std::vector<at::
   return c;
 }
 
-// Runs f(0..n-1) concurrently on torch's threads (inline when n == 1 or single-threaded).
+// Whether independent recurrences (directions, the layer wavefront) run as concurrent tasks.
+// Off by default: on the 2-vCPU machines this project is measured on, two FMA-bound streams
+// share one core's units, and the tasks measured no faster than running the recurrences one
+// after the other with the large steps on multi-threaded BLAS (bench/NOTES.md).  On by setting
+// RNN_EXT_CPU_TASK_PARALLEL=1 (the tests run it both ways).
+bool task_parallel() {
+  static const bool on = [] {
+    const char* v = std::getenv("RNN_EXT_CPU_TASK_PARALLEL");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// Runs f(0..n-1) concurrently on torch's threads (inline when n == 1, single-threaded, or task
+// parallelism is off).
 template <typename F>
 void run_tasks(int64_t n, const F& f) {
-  if (n <= 1 || at::get_num_threads() < 2) {
+  if (n <= 1 || at::get_num_threads() < 2 || !task_parallel()) {
     for (int64_t k = 0; k < n; ++k) f(k);
     return;
   }
@@ -177,7 +204,7 @@ struct Chunks {
 };
 
 bool use_wavefront(const Geometry& g) {
-  return at::get_num_threads() > 1 && g.D == 1 && g.L > 1 && g.T >= 8;
+  return task_parallel() && at::get_num_threads() > 1 && g.D == 1 && g.L > 1 && g.T >= 8;
 }
 
 // rows [r0, r1) of dst = a * b (dropout), all (N, DH) contiguous
@@ -333,7 +360,7 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
     cpu::act_backward<T>(g.relu, dh, H, h_out + o * DH, DH, dz + o * DH, DH, rows, H);
     // dh_prev = dz W_hh; rows past `rows` keep their value (they have not started, or are done)
     if constexpr (std::is_same_v<T, float>) {
-      if (c.panel != nullptr) {
+      if (c.panel != nullptr && !blas_step(rows, H)) {
         cpu::step_gemm(rows, H, H, dz + o * DH, DH, c.panel, dh, H, false, cpu::StepAct::kNone);
         continue;
       }
