@@ -10,6 +10,10 @@
 #   1. environment: nvidia-smi, python, torch, CUDA, cuDNN, nvcc          -> OUTDIR/env.txt
 #   2. build (RNN_EXT_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = the card's)   -> OUTDIR/build.log
 #   3. pytest -m cuda tests/test_cuda.py                                 -> OUTDIR/cuda_tests.{log,xml}
+#   3b. the persistent kernel (issue 5): tests/test_cuda_persistent.py (plan + barrier cost
+#      printed), then the benchmark with RNN_EXT_CUDA_KERNEL=persistent and =step (rnn_ext and
+#      cuDNN) on issue 5's subset, memcheck + racecheck on one persistent test
+#                                                   -> OUTDIR/persistent_*.{log,xml,json}
 #   4. a short benchmark against cuDNN (bench/bench.py, or an inline fallback) -> OUTDIR/bench*
 #   5. compute-sanitizer memcheck + racecheck on a few small cuda tests   -> OUTDIR/sanitizer_*.log
 #   6. the other tests (CPU and the remaining cuda-marked ones), with what is left of the
@@ -153,6 +157,39 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# 3b. the persistent kernel (issue 5; not gating: it is opt-in until this stage passes).  Runs
+#     before the issue-4 benchmark so that it gets its time; its stages total at most ~235 s.
+SAN=$(command -v compute-sanitizer || true)
+[ -z "$SAN" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] \
+  && SAN="$CUDA_HOME/bin/compute-sanitizer"
+[ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
+if [ "${RC[build]}" = 0 ]; then
+  run_stage persistent_tests 75 "$OUT/persistent_tests.log" \
+    "$PY" -m pytest tests/test_cuda_persistent.py -q -rs -s -p no:cacheprovider \
+    --junitxml="$OUT/persistent_tests.xml"
+  # issue 5's subset: T=512, L=2, I=H, B in {1,8,32}, H in {256,1024}, fp32 and bf16, forward
+  PGRID="512,1,256,256,2;512,8,256,256,2;512,32,256,256,2;512,1,1024,1024,2;512,8,1024,1024,2;512,32,1024,1024,2"
+  run_stage persistent_bench 60 "$OUT/persistent_bench.log" \
+    env RNN_EXT_CUDA_KERNEL=persistent "$PY" bench/bench.py --device cuda --grid "$PGRID" \
+    --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext,torch --repeats 5 --warmup 2 \
+    --min-sample-ms 5 --out "$OUT" --name persistent_fwd --no-plots --no-progress
+  run_stage step_bench 40 "$OUT/step_bench.log" \
+    env RNN_EXT_CUDA_KERNEL=step "$PY" bench/bench.py --device cuda --grid "$PGRID" \
+    --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext --repeats 5 --warmup 2 \
+    --min-sample-ms 5 --out "$OUT" --name step_fwd --no-plots --no-progress
+  if [ -n "$SAN" ]; then
+    run_stage persistent_memcheck 30 "$OUT/persistent_memcheck.log" \
+      "$SAN" --tool memcheck --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_persistent.py \
+      -k "test_persistent_parity and float32 and B8-H64-bi-L2-tanh"
+    run_stage persistent_racecheck 30 "$OUT/persistent_racecheck.log" \
+      "$SAN" --tool racecheck --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_persistent.py \
+      -k "test_persistent_parity and float32 and B8-H64-bi-L1-tanh"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
 # 4. benchmark against cuDNN (not gating)
 bench_fallback() {
   "$PY" - "$OUT" <<'EOF'
@@ -217,11 +254,7 @@ if [ "${RC[build]}" = 0 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 5. compute-sanitizer on a few small cuda tests (not gating)
-SAN=$(command -v compute-sanitizer || true)
-[ -z "$SAN" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ] \
-  && SAN="$CUDA_HOME/bin/compute-sanitizer"
-[ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
+# 5. compute-sanitizer on a few small cuda tests (not gating; $SAN found in stage 3b)
 if [ "${RC[build]}" = 0 ] && [ -n "$SAN" ]; then
   SEL="test_parity_with_cudnn_and_cpu and float32 and (packed_unsorted-bi or I7H37 or H1032)"
   run_stage memcheck 60 "$OUT/sanitizer_memcheck.log" \

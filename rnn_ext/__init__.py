@@ -6,9 +6,13 @@
 """
 from . import ops, reference
 from .module import RNN, convert_rnns
+from .cuda import cuda_kernel_used, set_cuda_kernel  # CUDA recurrence kernel switch
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "convert_rnns", "reference", "ops", "backend_info"]
+__all__ = [
+    "RNN", "convert_rnns", "reference", "ops", "backend_info", "set_cuda_kernel",
+    "cuda_kernel_used",
+]
 
 
 def backend_info() -> dict:

@@ -139,3 +139,55 @@ def test_relu_kernel_exact(dtype):
     ys = op_forward(s.reshape(1, 3, 1), torch.zeros(1, 3, 4, dtype=dtype), w1, None, False, 1,
                     False, True, 0.0, False, False)[0][0, :, 0]
     assert ys[0] == float("inf") and ys[1] == 0 and ys[2].isnan()
+
+
+def test_cpu_task_parallel_paths_match_torch_in_a_subprocess():
+    """The opt-in task-parallel CPU paths (both directions at once; the layer wavefront for
+    unidirectional stacks, forward and BPTT), read from RNN_EXT_CPU_TASK_PARALLEL at load time,
+    give torch's results (float64, packed and dense, with dropout noise shared)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, rnn_ext
+        from torch.nn.utils.rnn import pack_padded_sequence
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        worst = 0.0
+        for L in (2, 3):
+            for bi in (False, True):
+                for packed in (False, True):
+                    ref = torch.nn.RNN(5, 7, L, bidirectional=bi).double()
+                    m = rnn_ext.RNN(5, 7, L, bidirectional=bi).double()
+                    m.load_state_dict(ref.state_dict())
+                    x = torch.randn(37, 5, 5, dtype=torch.double, requires_grad=True)
+                    h = torch.randn(L * (2 if bi else 1), 5, 7, dtype=torch.double,
+                                    requires_grad=True)
+                    inp = (pack_padded_sequence(x, [37, 30, 30, 9, 1], enforce_sorted=False)
+                           if packed else x)
+                    res = []
+                    for mod in (ref, m):
+                        o, hn = mod(inp, h)
+                        od = o.data if packed else o
+                        gs = torch.autograd.grad((od * od.detach().cos()).sum() + (hn * hn).sum(),
+                                                 [x, h] + list(mod.parameters()), retain_graph=True)
+                        res.append([od, hn] + list(gs))
+                    worst = max(worst, max((a - b).abs().max().item() for a, b in zip(*res)))
+        ref = torch.nn.RNN(5, 7, 3, dropout=0.4).double()
+        m = rnn_ext.RNN(5, 7, 3, dropout=0.4).double()
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(40, 3, 5, dtype=torch.double)
+        torch.manual_seed(5); o1, h1 = ref(x)
+        torch.manual_seed(5); o2, h2 = m(x)
+        worst = max(worst, (o1 - o2).abs().max().item(), (h1 - h2).abs().max().item())
+        print(worst)
+        """
+    )
+    env = dict(os.environ, RNN_EXT_CPU_TASK_PARALLEL="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-10
