@@ -7,11 +7,13 @@ examples, and every tensor comes from a seeded torch.Generator.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import threading
 
 import pytest
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -185,10 +187,44 @@ def _input_scale(x, hx):
     return max(float(v[torch.isfinite(v)].max()) if torch.isfinite(v).any() else 0.0 for v in vals)
 
 
+def _as64(x):
+    if isinstance(x, PackedSequence):
+        return PackedSequence(x.data.detach().double().requires_grad_(), x.batch_sizes,
+                              x.sorted_indices, x.unsorted_indices)
+    return None if x is None else x.detach().double().requires_grad_()
+
+
 def _fuzz_float32(c):
+    """float32 against torch.nn.RNN in float32: NaN/Inf at the same places, finite values close
+    -- or, where they are not (saturated tanh with extreme inputs is ill-conditioned: 1 - h^2
+    turns a last-ulp difference of h, from a different but equally valid summation order of
+    the recurrent product, into a large relative difference of the gradient), at least as
+    close to the float64 truth as torch's own float32 result is."""
     ref, ext, x, hx = build_fuzz_case(c, torch.float32)
-    compare_runs(forward_backward(ext, x, hx), forward_backward(ref, x, hx), rtol=2e-4,
-                 atol=2e-5, grad_scale=_input_scale(x, hx), msg=str(c))
+    got, expected = forward_backward(ext, x, hx), forward_backward(ref, x, hx)
+    scale = _input_scale(x, hx)
+    try:
+        compare_runs(got, expected, rtol=2e-4, atol=2e-5, grad_scale=scale, msg=str(c))
+        return
+    except AssertionError:
+        pass
+    ref64 = copy.deepcopy(ref).double()
+    truth = forward_backward(ref64, _as64(x), _as64(hx))
+    pairs = [(_data(got[0]), _data(expected[0]), _data(truth[0]), "output"),
+             (got[1], expected[1], truth[1], "h_n")]
+    pairs += [(got[2][k], expected[2][k], truth[2][k], f"grad {k}") for k in got[2]
+              if got[2][k] is not None]
+    for a, b, t, what in pairs:
+        for name, f in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+            assert torch.equal(f(a), f(b)), f"{what}: {name} positions differ {c}"
+        fin = torch.isfinite(a) & torch.isfinite(t)
+        a64, b64, t64 = a.detach()[fin].double(), b.detach()[fin].double(), t.detach()[fin]
+        err_ext, err_torch = (a64 - t64).abs(), (b64 - t64).abs()
+        top = float(t64.abs().max()) if t64.numel() else 1.0
+        bound = 4 * err_torch + 2e-5 * max(1.0, scale, top)
+        assert not (err_ext > bound).any(), (
+            f"{what}: less accurate than torch's float32 vs float64: max err "
+            f"{float(err_ext.max()):.3g} vs torch {float(err_torch.max()):.3g} {c}")
 
 
 @_fuzz_settings(40)
@@ -606,20 +642,22 @@ def _allocated_in_rnn_forward(fn):
 def test_inference_peak_memory(bidirectional):
     """Without grad, the forward keeps nothing but output and h_n, and allocates at most what
     the training forward keeps (its L-1 inner layer outputs, the workspace).  Layers run one
-    after the other (bidirectional, or one thread) use two ping-pong layer buffers whatever L;
-    the unidirectional multi-thread wavefront allocates one buffer per inner layer."""
+    after the other use two ping-pong layer buffers whatever L (the opt-in multi-thread
+    wavefront, RNN_EXT_CPU_TASK_PARALLEL=1, one per inner layer), plus the float32 step
+    kernel's packed copy of each W_hh (weight-sized, not activation-sized)."""
     torch.manual_seed(0)
     T, B, I, H, L = 40, 8, 16, 32, 6
     D = 2 if bidirectional else 1
     m = rnn_ext.RNN(I, H, num_layers=L, bidirectional=bidirectional)
     x = torch.randn(T, B, I)
     out_b, hy_b, layer_b = T * B * D * H * 4, L * D * B * H * 4, T * B * D * H * 4
+    panel_b = L * D * H * ((H + 15) // 16 * 16) * 4
     with torch.inference_mode():
         allocated, net = _allocated_in_rnn_forward(lambda: m(x))
     assert net == out_b + hy_b  # what stays: the results
-    assert allocated <= out_b + hy_b + (L - 1) * layer_b
-    if bidirectional or torch.get_num_threads() == 1:
-        assert allocated <= out_b + hy_b + 2 * layer_b
+    assert allocated <= out_b + hy_b + (L - 1) * layer_b + panel_b
+    if os.environ.get("RNN_EXT_CPU_TASK_PARALLEL") != "1":
+        assert allocated <= out_b + hy_b + 2 * layer_b + panel_b
     x.requires_grad_()
     allocated, net = _allocated_in_rnn_forward(lambda: m(x))
     assert net == out_b + hy_b + (L - 1) * layer_b  # the workspace, saved for backward
@@ -738,8 +776,9 @@ def test_dropout_deterministic_under_seed():
 @pytest.mark.parametrize("c", [DET_CONFIGS[2], DET_CONFIGS[3]], ids=["gemm", "wavefront"])
 def test_thread_count_one_vs_several(c):
     """Run to run at a fixed thread count is bitwise (above); across thread counts the results
-    agree to rounding (bitwise equality is not promised: BLAS and the multi-thread wavefront
-    may split the work, and so the sums, differently)."""
+    agree to float32 rounding, relative to each tensor's scale (bitwise equality is not
+    promised: with several threads the large recurrent steps go to multi-threaded BLAS, with
+    one to the step kernel, which sum in different orders)."""
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(max(2, n))
@@ -751,7 +790,7 @@ def test_thread_count_one_vs_several(c):
     finally:
         torch.set_num_threads(n)
     for a, b in zip(one, several):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
 
 
 def _run_threads(fns):
