@@ -7,12 +7,7 @@
 #include <cstring>
 
 #include "cpu/activation.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define RNN_EXT_STEP_AVX2 1
-#define RNN_EXT_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
+#include "cpu/activation_avx2.h"
 
 namespace rnn_ext::cpu {
 
@@ -30,7 +25,7 @@ void pack_panel(const float* src, int64_t lds, int64_t K, int64_t N, bool transp
   }
 }
 
-#ifdef RNN_EXT_STEP_AVX2
+#ifdef RNN_EXT_AVX2
 
 bool step_kernel_available() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -60,8 +55,30 @@ RNN_EXT_TARGET_AVX2 void block(int64_t K, const float* A, int64_t lda, const flo
       acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
     }
   }
-  // Leave registers once (a fully unrolled copy keeps the accumulators out of memory in the
-  // loop above), then the epilogue works row by row on the tile.
+  if (ncols == 16) {
+    // Full block: the epilogue in registers (bias/projection add, nonlinearity, store).
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      float* c = C + r * ldc;
+      __m256 v0 = acc0[r], v1 = acc1[r];
+      if (accumulate) {
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
+      }
+      if (act == StepAct::kTanh) {
+        v0 = tanh8(v0);
+        v1 = tanh8(v1);
+      } else if (act == StepAct::kRelu) {
+        v0 = relu8(v0);
+        v1 = relu8(v1);
+      }
+      _mm256_storeu_ps(c, v0);
+      _mm256_storeu_ps(c + 8, v1);
+    }
+    return;
+  }
+  // Last, partial column block: through a tile (a fully unrolled copy keeps the accumulators
+  // out of memory in the loop above).
   alignas(32) float tile[MR][16];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
@@ -74,8 +91,7 @@ RNN_EXT_TARGET_AVX2 void block(int64_t K, const float* A, int64_t lda, const flo
     if (accumulate) {
       for (int64_t j = 0; j < ncols; ++j) out[j] += c[j];
     }
-    // The nonlinearity on the block while it is hot (the same kernels as everywhere else, so
-    // results do not depend on which path ran).
+    // the same vector kernels as everywhere else, so results do not depend on the path
     if (act == StepAct::kTanh) {
       tanh_inplace(out, 1, ncols, 16);
     } else if (act == StepAct::kRelu) {
