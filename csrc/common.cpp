@@ -134,6 +134,26 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
   return g;
 }
 
+void check_backward_args(const Geometry& g, const at::Tensor& hx, const at::Tensor& output,
+                         const at::Tensor& workspace, const at::Tensor& noise,
+                         const std::optional<at::Tensor>& grad_output,
+                         const std::optional<at::Tensor>& grad_hy) {
+  const int64_t DH = g.D * g.H;
+  TORCH_CHECK(output.numel() == g.N * DH, "rnn_ext: output has ", output.numel(),
+              " elements, expected ", g.N * DH);
+  TORCH_CHECK(workspace.numel() == (g.L - 1) * g.N * DH,
+              "rnn_ext: the workspace does not match (was the forward run with need_grad?)");
+  TORCH_CHECK(noise.numel() == 0 || noise.numel() == (g.L - 1) * g.N * DH,
+              "rnn_ext: the dropout noise does not match the forward");
+  if (grad_output.has_value() && grad_output->defined()) {
+    TORCH_CHECK(grad_output->sizes() == output.sizes(), "rnn_ext: grad_output has shape ",
+                grad_output->sizes(), ", expected ", output.sizes());
+  }
+  if (grad_hy.has_value() && grad_hy->defined()) {
+    TORCH_CHECK(grad_hy->sizes() == hx.sizes(), "rnn_ext: grad_hy has the wrong size");
+  }
+}
+
 at::Tensor dropout_noise(const at::Tensor& like, double p) {
   // The same draws as at::dropout (aten/src/ATen/native/Dropout.cpp): p == 1 draws nothing and
   // drops everything; otherwise bernoulli(1 - p) scaled by 1 / (1 - p).

@@ -363,20 +363,9 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
   const int64_t H = g.H, DH = g.D * g.H, pc = g.weights_per_cell();
-  TORCH_CHECK(output.numel() == g.N * DH, "rnn_ext: output has ", output.numel(),
-              " elements, expected ", g.N * DH);
-  TORCH_CHECK(workspace.numel() == (g.L - 1) * g.N * DH,
-              "rnn_ext: the workspace does not match (was the forward run with need_grad?)");
-  TORCH_CHECK(noise_in.numel() == 0 || noise_in.numel() == (g.L - 1) * g.N * DH,
-              "rnn_ext: the dropout noise does not match the forward");
+  check_backward_args(g, hx, output, workspace, noise_in, grad_output, grad_hy);
   const bool has_go = grad_output.has_value() && grad_output->defined();
   const bool has_ghy = grad_hy.has_value() && grad_hy->defined();
-  if (has_go) {
-    TORCH_CHECK(grad_output->numel() == g.N * DH, "rnn_ext: grad_output has the wrong size");
-  }
-  if (has_ghy) {
-    TORCH_CHECK(grad_hy->sizes() == hx.sizes(), "rnn_ext: grad_hy has the wrong size");
-  }
   const c10::cuda::CUDAGuard device_guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto st = input.scalar_type();

@@ -40,6 +40,12 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
                   const std::optional<at::Tensor>& batch_sizes, bool has_biases,
                   int64_t num_layers, bool bidirectional, bool relu);
 
+// The checks of rnn_backward's extra arguments against the forward's geometry.
+void check_backward_args(const Geometry& g, const at::Tensor& hx, const at::Tensor& output,
+                         const at::Tensor& workspace, const at::Tensor& noise,
+                         const std::optional<at::Tensor>& grad_output,
+                         const std::optional<at::Tensor>& grad_hy);
+
 // Draws the dropout noise that at::dropout would draw for `like` (scaled by 1/(1-p), zero
 // where dropped), from the default generator of like's device.
 at::Tensor dropout_noise(const at::Tensor& like, double p);

@@ -526,20 +526,7 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
-  const int64_t DH = g.D * g.H;
-  TORCH_CHECK(output.numel() == g.N * DH, "rnn_ext: output has ", output.numel(),
-              " elements, expected ", g.N * DH);
-  TORCH_CHECK(workspace.numel() == (g.L - 1) * g.N * DH,
-              "rnn_ext: the workspace does not match (was the forward run with need_grad?)");
-  TORCH_CHECK(noise.numel() == 0 || noise.numel() == (g.L - 1) * g.N * DH,
-              "rnn_ext: the dropout noise does not match the forward");
-  if (grad_output.has_value() && grad_output->defined()) {
-    TORCH_CHECK(grad_output->sizes() == output.sizes(), "rnn_ext: grad_output has shape ",
-                grad_output->sizes(), ", expected ", output.sizes());
-  }
-  if (grad_hy.has_value() && grad_hy->defined()) {
-    TORCH_CHECK(grad_hy->sizes() == hx.sizes(), "rnn_ext: grad_hy has the wrong size");
-  }
+  check_backward_args(g, hx, output, workspace, noise, grad_output, grad_hy);
   const auto dt = input.scalar_type();
   const auto ct = is_reduced(dt) ? at::kFloat : dt;
   auto run = [&](auto tag) {

@@ -27,6 +27,7 @@
 // block reads at step i; the two directions write disjoint columns.  The barrier orders step i's
 // writes before step i + 1's reads; nothing is read across steps without a barrier between.
 #include "cuda/rnn_persistent.h"
+#include "cuda/warp_reduce.cuh"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -102,29 +103,6 @@ __device__ __forceinline__ void unpack_t(const uint4& raw, float (&f)[16 / sizeo
 // Nonlinearity as the other kernels: relu keeps NaN.
 __device__ __forceinline__ float act(float v, bool relu) {
   return relu ? (v < 0.f ? 0.f : v) : tanhf(v);
-}
-
-// Butterfly reduce-scatter over the warp (as in rnn_kernels.cu): N live values per lane,
-// partner offset O.  After the call lane l holds, in v[0], the sum over the 32 lanes of the
-// lanes' v[l] (N = 32, O = 16).  Checked in numpy by tests/test_cuda_persistent.py.
-template <int N, int O, int NA>
-__device__ __forceinline__ void reduce_scatter(float (&v)[NA], int lane) {
-  if constexpr (O >= 1) {
-    if constexpr (N > 1) {
-      constexpr int kHalf = N / 2;
-      const bool upper = (lane & O) != 0;
-#pragma unroll
-      for (int i = 0; i < kHalf; ++i) {
-        const float send = upper ? v[i] : v[i + kHalf];
-        const float keep = upper ? v[i + kHalf] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
-      }
-      reduce_scatter<kHalf, O / 2>(v, lane);
-    } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], O);
-      reduce_scatter<1, O / 2>(v, lane);
-    }
-  }
 }
 
 struct Params {
