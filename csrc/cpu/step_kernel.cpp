@@ -112,10 +112,14 @@ void column_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, co
   for (int64_t jb = jb0; jb < jb1; ++jb) {
     const int64_t j = jb * 16;
     const int64_t ncols = std::min<int64_t>(16, N - j);
-    for (int64_t r = 0; r < M; r += 6) {
-      const int64_t mr = std::min<int64_t>(6, M - r);
+    // Rows in blocks of at most 6, balanced (8 rows: 4 + 4, not 6 + 2: a 2-row block is
+    // load-bound).
+    int64_t blocks_left = (M + 5) / 6;
+    for (int64_t r = 0; r < M; --blocks_left) {
+      const int64_t mr = (M - r + blocks_left - 1) / blocks_left;
       kBlocks[mr](K, A + r * lda, lda, Bp + jb * K * 16, 16, C + r * ldc + j, ldc, ncols,
                   accumulate, act);
+      r += mr;
     }
   }
 }
