@@ -100,7 +100,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(ws, noise)
     ctx.set_materialize_grads(False)
     ctx.config = (has_biases, num_layers, bidirectional, relu)
-    ctx.n_weights = len(weights)
     ctx.save_for_backward(input, hx, batch_sizes, out, ws, noise, *weights)
 
 
@@ -159,7 +158,10 @@ def _gradients(ctx, needs, grad_output, grad_hy):
         input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
         num_layers, bidirectional, relu, [bool(needs[0]), bool(needs[1]), any(need_w)],
     )
-    grad_weights = [g if n else None for g, n in zip(gw, need_w)] if any(need_w) else [None] * len(weights)
+    if any(need_w):
+        grad_weights = [g if n else None for g, n in zip(gw, need_w)]
+    else:
+        grad_weights = [None] * len(weights)
     return gi if needs[0] else None, ghx if needs[1] else None, grad_weights
 
 
