@@ -48,6 +48,9 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
               "Input and hidden tensors are not at the same device, found input tensor at ",
               input.device(), " and hidden tensor at ", hx.device());
 
+  // aten checks the sequence length next (before any dtype or shape check of its own).
+  TORCH_CHECK(g.packed || input.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");
+
   // Dtypes: one floating dtype for everything (torch's matmul message where it has one).
   const auto wdtype = weights[0].scalar_type();
   const auto it = input.scalar_type();

@@ -128,18 +128,8 @@ class RNN(torch.nn.RNNBase):
     def _run(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
         """The part torch.nn.RNN hands to aten (`_VF.rnn_tanh`/`rnn_relu`), on rnn_ext's op."""
         weights = list(self._flat_weights)
-        # The checks aten makes before computing, with its messages.
-        for w in weights:
-            if w.device != input.device:
-                raise RuntimeError(
-                    "Input and parameter tensors are not at the same device, found input tensor "
-                    f"at {input.device} and parameter tensor at {w.device}"
-                )
-        if hx.device != input.device:
-            raise RuntimeError(
-                "Input and hidden tensors are not at the same device, found input tensor at "
-                f"{input.device} and hidden tensor at {hx.device}"
-            )
+        # aten's checks before computing (devices, then sequence length 0), with its messages,
+        # are the kernels' (csrc/common.cpp) and the fake kernel's (ops.py), in aten's order.
         # aten's dropout check, made only where aten's RNN applies dropout (self.dropout can be
         # changed after construction, bypassing the constructor's check).
         p = self.dropout
@@ -148,8 +138,6 @@ class RNN(torch.nn.RNNBase):
                 f"dropout probability has to be between 0 and 1, but got {format(p, 'g')}"
             )
         seq_first = batch_sizes is None and self.batch_first
-        if batch_sizes is None and input.size(1 if self.batch_first else 0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
             input.device.type
         ):  # (is_autocast_enabled raises for device types without autocast, e.g. meta)

@@ -65,6 +65,8 @@ def _rnn_forward_fake(
     H = weights[1].shape[0]
     if batch_sizes is None:
         torch._check(input.dim() == 3, lambda: f"input must have 3 dimensions, got {input.dim()}")
+        torch._check(input.shape[0] > 0,
+                     lambda: "Expected sequence length to be larger than 0 in RNN")
         output = input.new_empty((input.shape[0], input.shape[1], D * H))
         N = input.shape[0] * input.shape[1]
     else:
