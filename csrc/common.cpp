@@ -157,6 +157,11 @@ void check_backward_args(const Geometry& g, const at::Tensor& hx, const at::Tens
   }
 }
 
+void check_dropout(double dropout, bool train, int64_t num_layers) {
+  TORCH_CHECK(!(train && num_layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
+              "dropout probability has to be between 0 and 1, but got ", dropout);
+}
+
 at::Tensor dropout_noise(const at::Tensor& like, double p) {
   // The same draws as at::dropout (aten/src/ATen/native/Dropout.cpp): p == 1 draws nothing and
   // drops everything; otherwise bernoulli(1 - p) scaled by 1 / (1 - p).

@@ -260,6 +260,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
+  check_dropout(dropout, train, num_layers);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const gpu::DType dt = kernel_dtype(input.scalar_type());

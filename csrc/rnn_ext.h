@@ -46,6 +46,9 @@ void check_backward_args(const Geometry& g, const at::Tensor& hx, const at::Tens
                          const std::optional<at::Tensor>& grad_output,
                          const std::optional<at::Tensor>& grad_hy);
 
+// aten's check of the dropout probability, made where aten's RNN applies dropout.
+void check_dropout(double dropout, bool train, int64_t num_layers);
+
 // Draws the dropout noise that at::dropout would draw for `like` (scaled by 1/(1-p), zero
 // where dropped), from the default generator of like's device.
 at::Tensor dropout_noise(const at::Tensor& like, double p);

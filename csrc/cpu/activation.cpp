@@ -32,8 +32,7 @@ RNN_EXT_TARGET_AVX2 void tanh_row_f32_avx2(float* x, int64_t n) {
 
 void tanh_row_f32(float* x, int64_t n) {
 #ifdef RNN_EXT_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) {
+  if (cpu_has_avx2_fma()) {
     tanh_row_f32_avx2(x, n);
     return;
   }

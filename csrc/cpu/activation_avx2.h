@@ -10,6 +10,12 @@
 
 namespace rnn_ext::cpu {
 
+// Whether this CPU runs the AVX2 + FMA code (checked once).
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
 // tanh in float, 8 lanes at once (AVX2 + FMA).  Error about 2 ulp (tests/ measure it against
 // torch.tanh over a dense sweep).  Branch-free:
 //   |x| < 0.4:  odd Taylor series to x^13 (the next term is below 2^-27 relative);

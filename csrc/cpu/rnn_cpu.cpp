@@ -497,9 +497,7 @@ ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
-  // aten's check, made where aten's RNN applies dropout
-  TORCH_CHECK(!(train && num_layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
-              "dropout probability has to be between 0 and 1, but got ", dropout);
+  check_dropout(dropout, train, num_layers);
   const auto dt = input.scalar_type();
   if (is_reduced(dt)) {
     // float16 / bfloat16: compute in float32, round the results (as torch's CPU RNN accumulates

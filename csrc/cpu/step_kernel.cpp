@@ -27,10 +27,7 @@ void pack_panel(const float* src, int64_t lds, int64_t K, int64_t N, bool transp
 
 #ifdef RNN_EXT_AVX2
 
-bool step_kernel_available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+bool step_kernel_available() { return cpu_has_avx2_fma(); }
 
 namespace {
 
