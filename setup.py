@@ -1,6 +1,7 @@
 """Build rnn_ext._C: a CUDAExtension when torch has CUDA and nvcc is found, else a CppExtension."""
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -17,6 +18,12 @@ def extension():
     csrc = os.path.join(ROOT, "csrc")
     sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     cxx = ["-O3", "-fvisibility=hidden"]
+    if sys.platform.startswith("linux") and torch.__config__.parallel_info().find("OpenMP") >= 0:
+        # at::parallel_for is a header template whose OpenMP pragmas are compiled into the
+        # caller: without -fopenmp they are ignored and every parallel_for in csrc/cpu runs on
+        # one thread.  Compile flag only: the OpenMP runtime is the one torch has loaded
+        # (linking -lgomp would load a second runtime with a second thread pool).
+        cxx.append("-fopenmp")
     with_cuda = (
         torch.cuda.is_available() or os.environ.get("RNN_EXT_FORCE_CUDA") == "1"
     ) and torch.version.cuda is not None and CUDA_HOME is not None

@@ -174,21 +174,23 @@ class _RNNFunction(torch.autograd.Function):
     """The eager path of ``rnn()`` when a gradient is needed: the same forward op and the same
     backward as registered for it above, without torch.library's per-call Python wrapping
     (pytree flattening, default filling), which costs more than the whole kernel at small
-    sizes.  torch.compile and export trace the op itself (its registered autograd)."""
+    sizes.  torch.compile and export trace the op itself (its registered autograd).
+
+    ``forward`` takes ``ctx`` (no ``setup_context``): with a separate ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call, which
+    measured ~70 us, more than the op at the walkthrough's sizes.  (functorch transforms, which
+    need ``setup_context``, are not supported by rnn_ext anyway.)"""
 
     @staticmethod
-    def forward(input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
-                train, *weights):
+    def forward(ctx, input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu,
+                dropout, train, *weights):
+        weights = list(weights)
         with torch._C._AutoDispatchBelowAutograd():
-            return rnn_forward(input, hx, list(weights), batch_sizes, has_biases, num_layers,
-                               bidirectional, relu, dropout, train, True)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        (input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout, train,
-         *weights) = inputs
+            output = rnn_forward(input, hx, weights, batch_sizes, has_biases, num_layers,
+                                 bidirectional, relu, dropout, train, True)
         _setup_context(ctx, (input, hx, weights, batch_sizes, has_biases, num_layers,
                              bidirectional, relu, dropout, train, True), output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <string>
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "cpu/activation.h"
@@ -33,6 +34,13 @@ namespace rnn_ext {
 namespace {
 
 using cpu::gemm;
+
+// An uninitialised CPU tensor, allocated without a trip through the dispatcher: a dispatched
+// at::empty costs microseconds, and the kernels need a dozen buffers per call, which at the
+// walkthrough's sizes cost more than the arithmetic.  (Every element is written before use.)
+at::Tensor new_tensor(at::IntArrayRef sizes, at::ScalarType dt) {
+  return at::Tensor(at::detail::empty_cpu(sizes, dt));
+}
 
 template <typename T>
 struct Cell {
@@ -149,7 +157,7 @@ std::vector<at::Tensor> step_panels(const Geometry& g, const std::vector<at::Ten
     if (!cpu::step_kernel_available()) return panels;
     for (int64_t l = 0; l < g.L; ++l) {
       for (int64_t d = 0; d < g.D; ++d) {
-        at::Tensor p = at::empty({g.H, cpu::panel_width(g.H)}, w[0].options());
+        at::Tensor p = new_tensor({g.H, cpu::panel_width(g.H)}, at::kFloat);
         cpu::pack_panel(cell<T>(w, g, l, d).w_hh, g.H, g.H, g.H, transpose, p.data_ptr<float>());
         panels.push_back(p);
       }
@@ -262,46 +270,41 @@ template <typename T>
 ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& hx,
                            const std::vector<at::Tensor>& w, double dropout, bool train,
                            bool need_grad) {
-  const int64_t DH = g.D * g.H, L = g.L;
-  const auto opts = input.options();
+  const int64_t DH = g.D * g.H, L = g.L, layer_elems = g.N * DH;
+  const auto dt = input.scalar_type();
   const bool use_dropout = train && dropout > 0 && L > 1;
   const bool wave = use_wavefront(g);
   at::Tensor x = input.contiguous();
   at::Tensor h0 = hx.contiguous();
-  at::Tensor output = g.packed ? at::empty({g.N, DH}, opts) : at::empty({g.T, g.B, DH}, opts);
-  at::Tensor hy = at::empty({L * g.D, g.B, g.H}, opts);
-  at::Tensor ws = need_grad ? at::empty({L - 1, g.N, DH}, opts) : at::empty({0}, opts);
+  at::Tensor output = g.packed ? new_tensor({g.N, DH}, dt) : new_tensor({g.T, g.B, DH}, dt);
+  at::Tensor hy = new_tensor({L * g.D, g.B, g.H}, dt);
+  at::Tensor ws = need_grad ? new_tensor({L - 1, g.N, DH}, dt) : new_tensor({0}, dt);
 
-  // Where each layer writes: the saved workspace, or scratch (two alternating buffers when
+  // Where layers 0..L-2 write: the saved workspace, or scratch (two alternating slots when
   // layers run one after the other, one per layer in the wavefront).
-  std::vector<at::Tensor> outs(L);
-  at::Tensor scratch[2];
+  const int64_t slots = need_grad || wave ? L - 1 : std::min<int64_t>(L - 1, 2);
+  at::Tensor inter = need_grad ? ws : new_tensor({slots, g.N, DH}, dt);
+  std::vector<T*> outs(L);
   for (int64_t l = 0; l < L; ++l) {
-    if (l == L - 1) {
-      outs[l] = output.view({g.N, DH});
-    } else if (need_grad) {
-      outs[l] = ws[l];
-    } else if (wave) {
-      outs[l] = at::empty({g.N, DH}, opts);
-    } else {
-      if (!scratch[l % 2].defined()) scratch[l % 2] = at::empty({g.N, DH}, opts);
-      outs[l] = scratch[l % 2];
-    }
+    outs[l] = l == L - 1 ? output.data_ptr<T>()
+                         : inter.data_ptr<T>() + (need_grad || wave ? l : l % 2) * layer_elems;
   }
   // Dropout noise, drawn up front in layer order: the same draws as torch's layer-by-layer
   // at::dropout, since nothing else draws in between.
-  std::vector<at::Tensor> noise(use_dropout ? L - 1 : 0), dropped(use_dropout ? L : 0);
+  std::vector<at::Tensor> noise(use_dropout ? L - 1 : 0);
+  at::Tensor dropped = use_dropout ? new_tensor({L - 1, g.N, DH}, dt) : at::Tensor();
   for (int64_t l = 0; l + 1 < L && use_dropout; ++l) {
-    noise[l] = dropout_noise(outs[l], dropout);
-    dropped[l + 1] = at::empty({g.N, DH}, opts);
+    noise[l] = dropout_noise(inter.select(0, 0), dropout);  // (only its shape and options)
   }
+  // layer l > 0 reads the dropped-out output of layer l-1
+  auto dropped_of = [&](int64_t l) { return dropped.data_ptr<T>() + (l - 1) * layer_elems; };
   auto layer_in = [&](int64_t l) -> const T* {
     if (l == 0) return x.data_ptr<T>();
-    return (use_dropout ? dropped[l] : outs[l - 1]).data_ptr<T>();
+    return use_dropout ? dropped_of(l) : outs[l - 1];
   };
   auto h0_of = [&](int64_t l, int64_t d) { return h0.data_ptr<T>() + (l * g.D + d) * g.B * g.H; };
   const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/true);
-  auto out_of = [&](int64_t l, int64_t d) { return outs[l].data_ptr<T>() + d * g.H; };
+  auto out_of = [&](int64_t l, int64_t d) { return outs[l] + d * g.H; };
 
   if (wave) {
     const Chunks ch(g);
@@ -312,8 +315,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
         const int64_t i0 = ch.begin(c, g.T), i1 = ch.end(c, g.T);
         const int64_t r0 = g.offset[i0], r1 = i1 < g.T ? g.offset[i1] : g.N;
         if (l > 0 && use_dropout) {
-          mul_rows<T>(dropped[l].data_ptr<T>(), outs[l - 1].data_ptr<T>(),
-                      noise[l - 1].data_ptr<T>(), r0, r1, DH);
+          mul_rows<T>(dropped_of(l), outs[l - 1], noise[l - 1].data_ptr<T>(), r0, r1, DH);
         }
         const auto cl = cell_with_panel<T>(w, panels, g, l, 0);
         project<T>(g, cl, layer_in(l), g.layer_input_size(l), out_of(l, 0), r0, r1);
@@ -322,7 +324,9 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
     }
   } else {
     for (int64_t l = 0; l < L; ++l) {
-      if (l > 0 && use_dropout) at::mul_out(dropped[l], outs[l - 1], noise[l - 1]);
+      if (l > 0 && use_dropout) {
+        mul_rows<T>(dropped_of(l), outs[l - 1], noise[l - 1].data_ptr<T>(), 0, g.N, DH);
+      }
       for (int64_t d = 0; d < g.D; ++d) {
         project<T>(g, cell<T>(w, g, l, d), layer_in(l), g.layer_input_size(l), out_of(l, d), 0,
                    g.N);
@@ -338,8 +342,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
                       hy.data_ptr<T>() + (l * g.D + d) * g.B * g.H);
     }
   }
-  at::Tensor saved_noise =
-      (need_grad && use_dropout) ? at::stack(noise) : at::empty({0}, opts);
+  at::Tensor saved_noise = (need_grad && use_dropout) ? at::stack(noise) : new_tensor({0}, dt);
   return {output, hy, ws, saved_noise};
 }
 
@@ -371,47 +374,78 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
   }
 }
 
+// dst[j] = sum over rows r of src[r * ld + j] (j < cols), accumulated in double: the bias
+// gradients, without the dispatch of an at::sum per bias at small sizes.
+template <typename T>
+void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
+  std::vector<double> acc(cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = src + r * ld;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(row[j]);
+  }
+  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(acc[j]);
+}
+
 template <typename T>
 BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& hx,
                              const std::vector<at::Tensor>& w, const at::Tensor& output,
                              const at::Tensor& ws, const at::Tensor& noise,
                              const at::Tensor& grad_output, const at::Tensor& grad_hy,
                              const std::array<bool, 3>& mask) {
-  const int64_t H = g.H, DH = g.D * g.H, L = g.L;
-  const auto opts = input.options();
+  const int64_t H = g.H, DH = g.D * g.H, L = g.L, layer_elems = g.N * DH;
+  const auto dt = input.scalar_type();
   const bool need_input = mask[0], need_hx = mask[1], need_w = mask[2];
   const bool has_noise = noise.numel() > 0;
   const bool wave = use_wavefront(g);
-  at::Tensor x = input.contiguous().view({g.N, g.I});
-  at::Tensor h0 = hx.contiguous();
-  at::Tensor ghy = grad_hy.defined() ? grad_hy.contiguous() : at::Tensor();
+  const at::Tensor x = input.contiguous();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor go = grad_output.defined() ? grad_output.contiguous() : at::Tensor();
+  const T* noise_p = has_noise ? noise.data_ptr<T>() : nullptr;  // (L-1, N, DH), contiguous
 
   // Per layer: its output, its dZ (N, D*H), the gradient w.r.t. its output dY (N, D*H).
-  std::vector<at::Tensor> outs(L), dZ(L), dY(L);
+  std::vector<const T*> outs(L);
+  std::vector<T*> dZ(L), dY(L);
+  at::Tensor dz_all = new_tensor({L, g.N, DH}, dt);
+  at::Tensor dy_inner = new_tensor({L - 1, g.N, DH}, dt);
+  at::Tensor dy_last;
   for (int64_t l = 0; l < L; ++l) {
-    outs[l] = l == L - 1 ? output.contiguous().view({g.N, DH}) : ws[l];
-    dZ[l] = at::empty({g.N, DH}, opts);
-    if (l < L - 1) dY[l] = at::empty({g.N, DH}, opts);
+    outs[l] = l == L - 1 ? out_c.data_ptr<T>() : ws.data_ptr<T>() + l * layer_elems;
+    dZ[l] = dz_all.data_ptr<T>() + l * layer_elems;
+    if (l < L - 1) dY[l] = dy_inner.data_ptr<T>() + l * layer_elems;
   }
-  dY[L - 1] = grad_output.defined() ? grad_output.contiguous().view({g.N, DH})
-                                    : at::zeros({g.N, DH}, opts);
+  if (go.defined()) {
+    dY[L - 1] = go.data_ptr<T>();  // only read (bptt takes dy as const)
+  } else {
+    dy_last = new_tensor({g.N, DH}, dt);
+    std::fill_n(dy_last.data_ptr<T>(), layer_elems, T(0));
+    dY[L - 1] = dy_last.data_ptr<T>();
+  }
   // dh per (layer, direction), starting from grad_hy; ends as grad_hx.
-  at::Tensor dh = ghy.defined() ? ghy.clone() : at::zeros({L * g.D, g.B, H}, opts);
+  at::Tensor dh = new_tensor({L * g.D, g.B, H}, dt);
+  if (grad_hy.defined()) {
+    const at::Tensor ghy = grad_hy.contiguous();
+    std::copy_n(ghy.data_ptr<T>(), dh.numel(), dh.data_ptr<T>());
+  } else {
+    std::fill_n(dh.data_ptr<T>(), dh.numel(), T(0));
+  }
   auto dh_of = [&](int64_t l, int64_t d) { return dh.data_ptr<T>() + (l * g.D + d) * g.B * H; };
   // dY_l rows [r0, r1) = (sum_d dZ_{l+1,d} W_ih_{l+1,d}) * noise_l
   auto input_grad_rows = [&](int64_t l, int64_t r0, int64_t r1) {
     if (r1 <= r0) return;
-    T* dst = dY[l].data_ptr<T>() + r0 * DH;
+    T* dst = dY[l] + r0 * DH;
     for (int64_t d = 0; d < g.D; ++d) {
-      gemm<T>(false, false, r1 - r0, DH, H, T(1), dZ[l + 1].data_ptr<T>() + r0 * DH + d * H, DH,
+      gemm<T>(false, false, r1 - r0, DH, H, T(1), dZ[l + 1] + r0 * DH + d * H, DH,
               cell<T>(w, g, l + 1, d).w_ih, DH, d == 0 ? T(0) : T(1), dst, DH);
     }
-    if (has_noise) mul_rows<T>(dY[l].data_ptr<T>(), dY[l].data_ptr<T>(), noise[l].data_ptr<T>(), r0, r1, DH);
+    if (has_noise) {
+      mul_rows<T>(dY[l], dY[l], noise_p + l * layer_elems, r0, r1, DH);
+    }
   };
   const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/false);
   auto run_bptt = [&](int64_t l, int64_t d, int64_t i0, int64_t i1) {
-    bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l].data_ptr<T>() + d * H,
-            dY[l].data_ptr<T>() + d * H, dZ[l].data_ptr<T>() + d * H, dh_of(l, d), i0, i1);
+    bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l] + d * H, dY[l] + d * H,
+            dZ[l] + d * H, dh_of(l, d), i0, i1);
   };
 
   if (wave) {
@@ -438,52 +472,64 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   // Weight and bias gradients: large GEMMs over all steps.
   std::vector<at::Tensor> grad_w;
   if (need_w) {
-    for (const auto& wi : w) grad_w.push_back(at::empty_like(wi));
-    at::Tensor prev = at::empty({g.N, H}, opts);
+    grad_w.reserve(w.size());
+    for (const auto& wi : w) grad_w.push_back(new_tensor(wi.sizes(), dt));
+    at::Tensor prev = new_tensor({g.N, H}, dt);
+    at::Tensor dropped = has_noise ? new_tensor({g.N, DH}, dt) : at::Tensor();
     for (int64_t l = 0; l < L; ++l) {
-      at::Tensor layer_in = l == 0 ? x : (has_noise ? ws[l - 1] * noise[l - 1] : ws[l - 1]);
+      const T* layer_in = l == 0 ? x.data_ptr<T>() : outs[l - 1];
+      if (l > 0 && has_noise) {  // what layer l read: layer l-1's output after dropout
+        mul_rows<T>(dropped.data_ptr<T>(), outs[l - 1], noise_p + (l - 1) * layer_elems, 0, g.N,
+                    DH);
+        layer_in = dropped.data_ptr<T>();
+      }
       const int64_t in_size = g.layer_input_size(l);
       for (int64_t d = 0; d < g.D; ++d) {
         const int64_t base = (l * g.D + d) * g.weights_per_cell();
-        const T* dz = dZ[l].data_ptr<T>() + d * H;
+        const T* dz = dZ[l] + d * H;
         // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = column sums of dZ
-        gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in.data_ptr<T>(), in_size,
-                T(0), grad_w[base].data_ptr<T>(), in_size);
-        gather_prev<T>(g, d, outs[l].data_ptr<T>() + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
+        gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in, in_size, T(0),
+                grad_w[base].data_ptr<T>(), in_size);
+        gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
                        prev.data_ptr<T>());
         gemm<T>(true, false, H, H, g.N, T(1), dz, DH, prev.data_ptr<T>(), H, T(0),
                 grad_w[base + 1].data_ptr<T>(), H);
         if (g.has_biases) {
-          at::sum_out(grad_w[base + 2], dZ[l].narrow(1, d * H, H), {0});
-          grad_w[base + 3].copy_(grad_w[base + 2]);
+          column_sums<T>(dz, g.N, H, DH, grad_w[base + 2].data_ptr<T>());
+          std::copy_n(grad_w[base + 2].data_ptr<T>(), H, grad_w[base + 3].data_ptr<T>());
         }
       }
     }
   }
-  at::Tensor grad_input = at::empty({0}, opts);
+  at::Tensor grad_input = new_tensor({0}, dt);
   if (need_input) {
-    grad_input = at::empty({g.N, g.I}, opts);
+    grad_input = new_tensor(input.sizes(), dt);  // (T, B, I) or (N, I): N x I rows either way
     for (int64_t d = 0; d < g.D; ++d) {
-      gemm<T>(false, false, g.N, g.I, H, T(1), dZ[0].data_ptr<T>() + d * H, DH,
-              cell<T>(w, g, 0, d).w_ih, g.I, d == 0 ? T(0) : T(1), grad_input.data_ptr<T>(), g.I);
+      gemm<T>(false, false, g.N, g.I, H, T(1), dZ[0] + d * H, DH, cell<T>(w, g, 0, d).w_ih, g.I,
+              d == 0 ? T(0) : T(1), grad_input.data_ptr<T>(), g.I);
     }
-    grad_input = grad_input.view(input.sizes());
   }
-  at::Tensor grad_hx = need_hx ? dh : at::empty({0}, opts);
+  at::Tensor grad_hx = need_hx ? dh : new_tensor({0}, dt);
   return {grad_input, grad_hx, grad_w};
 }
 
 bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
+// t in dtype dt, contiguous; t itself (no dispatch) when it already is.
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
+  if (t.scalar_type() == dt && t.is_contiguous()) return t;
+  return t.to(dt).contiguous();
+}
+
 std::vector<at::Tensor> as_dtype(at::TensorList ts, at::ScalarType dt) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.to(dt).contiguous());
+  for (const auto& t : ts) out.push_back(as_dtype(t, dt));
   return out;
 }
 
 at::Tensor opt_to(const std::optional<at::Tensor>& t, at::ScalarType dt) {
-  return t.has_value() && t->defined() ? t->to(dt) : at::Tensor();
+  return t.has_value() && t->defined() ? as_dtype(*t, dt) : at::Tensor();
 }
 
 }  // namespace
@@ -529,9 +575,9 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
   const auto ct = is_reduced(dt) ? at::kFloat : dt;
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    return backward_impl<T>(g, input.to(ct), hx.to(ct), as_dtype(weights, ct), output.to(ct),
-                            workspace.to(ct), noise.to(ct), opt_to(grad_output, ct),
-                            opt_to(grad_hy, ct), output_mask);
+    return backward_impl<T>(g, as_dtype(input, ct), as_dtype(hx, ct), as_dtype(weights, ct),
+                            as_dtype(output, ct), as_dtype(workspace, ct), as_dtype(noise, ct),
+                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask);
   };
   BackwardResult r = ct == at::kDouble ? run(double{}) : run(float{});
   if (ct != dt) {
