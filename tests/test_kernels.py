@@ -191,3 +191,63 @@ def test_cpu_task_parallel_paths_match_torch_in_a_subprocess():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-10
+
+
+def test_cpu_team_recurrence_matches_one_thread_and_torch_in_a_subprocess():
+    """The team recurrence (float32: the threads split each step's columns, one barrier per
+    step, forward and BPTT), forced on for every size with RNN_EXT_TEAM_MIN=0: its forward is
+    bitwise the single-thread result (the same kernel computes every element the same way), and
+    output, h_n and every gradient agree with torch.nn.RNN, for partial column blocks (H = 17,
+    40), packed input with ragged lengths, both directions, relu and tanh."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import json, torch, rnn_ext
+        from torch.nn.utils.rnn import pack_padded_sequence
+        torch.manual_seed(0)
+        fwd_bitwise, worst_torch, worst_threads, cases = True, 0.0, 0.0, 0
+        for H in (17, 40, 64):
+            for B, lengths in ((1, [23]), (3, [23, 23, 23]), (6, [23, 20, 20, 9, 2, 1])):
+                for L, bi, nl, packed in ((1, False, 'tanh', False), (2, True, 'relu', True),
+                                          (2, False, 'tanh', True), (1, True, 'tanh', False)):
+                    ref = torch.nn.RNN(5, H, L, nonlinearity=nl, bidirectional=bi)
+                    m = rnn_ext.RNN(5, H, L, nonlinearity=nl, bidirectional=bi)
+                    m.load_state_dict(ref.state_dict())
+                    x = torch.randn(23, B, 5, requires_grad=True)
+                    h = torch.randn(L * (2 if bi else 1), B, H, requires_grad=True)
+                    inp = (pack_padded_sequence(x, lengths, enforce_sorted=False)
+                           if packed else x)
+                    res = {}
+                    for name, mod, threads in (('team', m, 2), ('one', m, 1), ('torch', ref, 2)):
+                        torch.set_num_threads(threads)
+                        o, hn = mod(inp, h)
+                        od = o.data if packed else o
+                        gs = torch.autograd.grad((od * od.detach().cos()).sum() + (hn * hn).sum(),
+                                                 [x, h] + list(mod.parameters()),
+                                                 retain_graph=True)
+                        res[name] = [od, hn] + list(gs)
+                    fwd_bitwise &= all(torch.equal(a, b) for a, b in
+                                       zip(res['team'][:2], res['one'][:2]))
+                    worst_torch = max(worst_torch, max((a - b).abs().max().item()
+                                                       for a, b in zip(res['team'], res['torch'])))
+                    worst_threads = max(worst_threads, max((a - b).abs().max().item()
+                                                           for a, b in zip(res['team'], res['one'])))
+                    cases += 1
+        print(json.dumps(dict(fwd_bitwise=fwd_bitwise, worst_torch=worst_torch,
+                              worst_threads=worst_threads, cases=cases)))
+        """
+    )
+    env = dict(os.environ, RNN_EXT_TEAM_MIN="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["cases"] == 36
+    assert r["fwd_bitwise"], r
+    assert r["worst_torch"] < 2e-4, r
+    assert r["worst_threads"] < 1e-5, r

@@ -17,6 +17,9 @@
 //     layer l computes chunk c, layer l+1 computes chunk c-1 (backward: the mirror image).
 // Inside such a task BLAS runs single-threaded (it is called from a parallel region).
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <cstdlib>
 #include <string>
@@ -108,6 +111,56 @@ bool blas_step(int64_t rows, int64_t H) {
          !at::in_parallel_region();
 }
 
+// A recurrence computed by a team of threads: every member owns a range of 16-column blocks
+// of h and computes those columns of each step, then waits at a barrier for the others (the
+// next step reads all of h).  One parallel region per recurrence instead of one per step, so
+// it pays from a few microseconds of work per step on.  Only where nothing else runs
+// concurrently (not inside the direction / wavefront tasks) and only for the float32 step
+// kernel.  RNN_EXT_TEAM_MIN: the smallest step (rows x H x H multiply-adds) that uses it.
+bool use_team(const Geometry& g) {
+#ifdef _OPENMP
+  static const int64_t min_fma = [] {
+    const char* v = std::getenv("RNN_EXT_TEAM_MIN");
+    return v == nullptr ? (int64_t(1) << 13) : std::atoll(v);
+  }();
+  return g.H > 16 && g.B * g.H * g.H >= min_fma && at::get_num_threads() > 1 &&
+         !at::in_parallel_region();
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+// f(member, members) on every member of a team of torch's intra-op threads; `barrier()` inside
+// f synchronises the team.  (members may be fewer than asked for; 1 runs f inline.)
+template <typename F>
+void run_team(const F& f) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(at::get_num_threads())
+  f(static_cast<int64_t>(omp_get_thread_num()), static_cast<int64_t>(omp_get_num_threads()));
+#else
+  f(int64_t(0), int64_t(1));
+#endif
+}
+
+inline void barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// The 16-column blocks of an H-column state owned by member k of n.
+struct Share {
+  int64_t jb0, jb1, c0, c1;  // blocks [jb0, jb1), columns [c0, c1)
+  Share(int64_t H, int64_t k, int64_t n) {
+    const int64_t nb = (H + 15) / 16;
+    jb0 = nb * k / n;
+    jb1 = nb * (k + 1) / n;
+    c0 = std::min(H, jb0 * 16);
+    c1 = std::min(H, jb1 * 16);
+  }
+};
+
 // z (rows x H, row stride ld) = act(z + a W_hh^T), a: (rows x H) with row stride lda.
 template <typename T>
 void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, int64_t rows,
@@ -129,6 +182,33 @@ template <typename T>
 void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, int64_t i0,
            int64_t i1) {
   const int64_t H = g.H, ld = g.D * g.H;
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.panel != nullptr && use_team(g)) {
+      const auto act = g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh;
+      run_team([&](int64_t k, int64_t n) {
+        const Share sh(H, k, n);
+        auto step = [&](const float* a, int64_t lda, int64_t rows, float* z) {
+          cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true, act);
+        };
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = step_at(g, d, i);
+          const int64_t rows = g.batch[t];
+          if (rows == 0) continue;  // (the same on every member: the barriers stay matched)
+          float* z = out + g.offset[t] * ld;
+          if (i == 0) {
+            step(h0, H, rows, z);
+          } else {
+            const int64_t tp = step_at(g, d, i - 1);
+            const int64_t cont = std::min(rows, g.batch[tp]);
+            step(out + g.offset[tp] * ld, ld, cont, z);
+            step(h0 + cont * H, H, rows - cont, z + cont * ld);
+          }
+          barrier();
+        }
+      });
+      return;
+    }
+  }
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = step_at(g, d, i);
     const int64_t rows = g.batch[t];
@@ -352,6 +432,38 @@ template <typename T>
 void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dy, T* dz,
           T* dh, int64_t i0, int64_t i1) {
   const int64_t H = g.H, DH = g.D * g.H;
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.panel != nullptr && use_team(g)) {
+      // Member k owns columns [c0, c1) of dh and dz: its elementwise part of a step needs only
+      // its own columns of dh (which its own product of the previous step wrote); the product
+      // dh = dz W_hh needs every column of dz: one barrier per step, between the two.
+      run_team([&](int64_t k, int64_t n) {
+        const Share sh(H, k, n);
+        const int64_t cols = sh.c1 - sh.c0;
+        for (int64_t i = i1 - 1; i >= i0; --i) {
+          const int64_t t = step_at(g, d, i);
+          const int64_t rows = g.batch[t];
+          if (rows == 0) continue;  // (the same on every member)
+          const int64_t o = g.offset[t];
+          for (int64_t r = 0; r < rows && cols > 0; ++r) {  // dh += dy_t (own columns)
+            const float* src = dy + (o + r) * DH + sh.c0;
+            float* dst = dh + r * H + sh.c0;
+            for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
+          }
+          if (cols > 0) {
+            cpu::act_backward<float>(g.relu, dh + sh.c0, H, h_out + o * DH + sh.c0, DH,
+                                     dz + o * DH + sh.c0, DH, rows, cols);
+          }
+          barrier();
+          cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, dz + o * DH, DH, c.panel, dh, H,
+                                false, cpu::StepAct::kNone);
+          // (no barrier here: the next step's elementwise part reads only the member's own
+          // columns of dh, and dz rows of another step)
+        }
+      });
+      return;
+    }
+  }
   for (int64_t i = i1 - 1; i >= i0; --i) {
     const int64_t t = step_at(g, d, i);
     const int64_t rows = g.batch[t];

@@ -163,9 +163,21 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   }
 }
 
+void step_gemm_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, const float* A,
+                      int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
+                      StepAct act) {
+  if (M <= 0 || jb1 <= jb0) return;
+  column_blocks(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+}
+
 #else
 
 bool step_kernel_available() { return false; }
+
+void step_gemm_blocks(int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                      const float*, float*, int64_t, bool, StepAct) {
+  TORCH_INTERNAL_ASSERT(false, "rnn_ext: the step kernel needs AVX2");
+}
 
 void step_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
                bool, StepAct) {

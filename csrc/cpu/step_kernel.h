@@ -30,4 +30,10 @@ void pack_panel(const float* src, int64_t lds, int64_t K, int64_t N, bool transp
 void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
                float* C, int64_t ldc, bool accumulate, StepAct act);
 
+// The 16-column blocks [jb0, jb1) of step_gemm's C (columns 16 jb0 .. min(N, 16 jb1)), on the
+// calling thread: one member's share of a step computed by a team of threads.
+void step_gemm_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, const float* A,
+                      int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
+                      StepAct act);
+
 }  // namespace rnn_ext::cpu
