@@ -22,6 +22,9 @@ def _autocast_cast(device_type: str, tensors):
     ]
 
 
+_RNNBASE_CHECK_FORWARD_ARGS = torch.nn.RNNBase.check_forward_args
+
+
 class RNN(torch.nn.RNNBase):
     r"""A drop-in :class:`torch.nn.RNN`: same constructor, parameters, state_dict, shapes,
     errors and numerics (to rounding), computed by rnn_ext's fused kernels.
@@ -113,7 +116,30 @@ class RNN(torch.nn.RNNBase):
             else:
                 hx = self.permute_hidden(hx, sorted_indices)
 
-        self.check_forward_args(input, hx, batch_sizes)
+        if batch_sizes is None and type(self).check_forward_args is _RNNBASE_CHECK_FORWARD_ARGS:
+            # torch's RNNBase.check_forward_args for dense input, inlined (same order, types and
+            # messages; the input is 3-D here): its three method calls cost more than the
+            # kernel at small sizes.  A subclass that overrides check_forward_args gets it.
+            w0 = self._flat_weights[0]
+            if input.dtype != w0.dtype and not torch._C._is_any_autocast_enabled():
+                raise ValueError(
+                    f"RNN input dtype ({input.dtype}) does not match weight dtype ({w0.dtype}). "
+                    f"Convert input: input.to({w0.dtype}), or convert model: model.to({input.dtype})"
+                )
+            if self.input_size != input.size(-1):
+                raise RuntimeError(
+                    f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                    f"got {input.size(-1)}"
+                )
+            expected_hidden_size = (
+                self.num_layers * num_directions, max_batch_size, self.hidden_size
+            )
+            if hx.size() != expected_hidden_size:
+                raise RuntimeError(
+                    f"Expected hidden size {expected_hidden_size}, got {list(hx.size())}"
+                )
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
         output, hidden = self._run(input, hx, batch_sizes)
 
         if isinstance(orig_input, PackedSequence):
@@ -138,8 +164,10 @@ class RNN(torch.nn.RNNBase):
                 f"dropout probability has to be between 0 and 1, but got {format(p, 'g')}"
             )
         seq_first = batch_sizes is None and self.batch_first
-        if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(
-            input.device.type
+        if (
+            torch._C._is_any_autocast_enabled()
+            and torch.amp.is_autocast_available(input.device.type)
+            and torch.is_autocast_enabled(input.device.type)
         ):  # (is_autocast_enabled raises for device types without autocast, e.g. meta)
             input, hx, *weights = _autocast_cast(input.device.type, [input, hx, *weights])
         if seq_first:

@@ -386,3 +386,36 @@ def test_backend_info():
     info = rnn_ext.backend_info()
     assert info["version"] == rnn_ext.__version__
     assert isinstance(info["cuda"], bool) and isinstance(info["cpu_direct_blas"], bool)
+
+
+def test_overridden_check_forward_args_is_called():
+    """forward inlines RNNBase.check_forward_args for dense input; a subclass that overrides
+    it (as one may with torch.nn.RNN) still has its own check run, for dense and packed input."""
+    calls = []
+
+    class Checked(rnn_ext.RNN):
+        def check_forward_args(self, input, hidden, batch_sizes):
+            calls.append(batch_sizes is None)
+            if input.shape[-1] == 99:
+                raise RuntimeError("custom check")
+            super().check_forward_args(input, hidden, batch_sizes)
+
+    m = Checked(3, 4)
+    m(torch.randn(5, 2, 3))
+    with pytest.raises(RuntimeError, match="custom check"):
+        m.input_size = 99
+        m(torch.randn(5, 2, 99))
+    m.input_size = 3
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3), [5, 3])
+    m(packed)
+    assert calls == [True, True, False]
+    # and the inlined checks keep torch's exception types and messages
+    ref, ext = torch.nn.RNN(3, 4), rnn_ext.RNN(3, 4)
+    for x, h in ((torch.randn(5, 2, 3, dtype=torch.float64), None),
+                 (torch.randn(5, 2, 7), None),
+                 (torch.randn(5, 2, 3), torch.randn(1, 3, 4))):
+        with pytest.raises(Exception) as want:
+            ref(x, h)
+        with pytest.raises(type(want.value)) as got:
+            ext(x, h)
+        assert str(got.value) == str(want.value)
