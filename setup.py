@@ -18,7 +18,7 @@ def extension():
     csrc = os.path.join(ROOT, "csrc")
     sources = rel(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     cxx = ["-O3", "-fvisibility=hidden"]
-    if sys.platform.startswith("linux") and torch.__config__.parallel_info().find("OpenMP") >= 0:
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
         # at::parallel_for is a header template whose OpenMP pragmas are compiled into the
         # caller: without -fopenmp they are ignored and every parallel_for in csrc/cpu runs on
         # one thread.  Compile flag only: the OpenMP runtime is the one torch has loaded

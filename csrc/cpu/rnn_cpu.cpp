@@ -177,6 +177,32 @@ void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, 
   activate(g, z, rows, ld);
 }
 
+// The steps [i0, i1) of a recurrence in this direction's processing order:
+// step(a, lda, rows, z) computes the `rows` rows z of a step from their previous state a, then
+// after_step() runs (the team's barrier; nothing on one thread).
+template <typename T, typename Step, typename After>
+void walk_forward(const Geometry& g, int64_t d, const T* h0, T* out, int64_t i0, int64_t i1,
+                  const Step& step, const After& after_step) {
+  const int64_t H = g.H, ld = g.D * g.H;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t t = step_at(g, d, i);
+    const int64_t rows = g.batch[t];
+    if (rows == 0) continue;  // (the same on every team member: the barriers stay matched)
+    T* z = out + g.offset[t] * ld;
+    if (i == 0) {
+      step(h0, H, rows, z);
+    } else {
+      const int64_t tp = step_at(g, d, i - 1);  // previous step in processing order
+      // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows rows
+      // continue; the others start here from h0.
+      const int64_t cont = std::min(rows, g.batch[tp]);
+      step(out + g.offset[tp] * ld, ld, cont, z);
+      step(h0 + cont * H, H, rows - cont, z + cont * ld);
+    }
+    after_step();
+  }
+}
+
 // The recurrence over steps [i0, i1) in this direction's processing order.
 template <typename T>
 void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, int64_t i0,
@@ -187,44 +213,23 @@ void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, 
       const auto act = g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh;
       run_team([&](int64_t k, int64_t n) {
         const Share sh(H, k, n);
-        auto step = [&](const float* a, int64_t lda, int64_t rows, float* z) {
-          cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true, act);
-        };
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t t = step_at(g, d, i);
-          const int64_t rows = g.batch[t];
-          if (rows == 0) continue;  // (the same on every member: the barriers stay matched)
-          float* z = out + g.offset[t] * ld;
-          if (i == 0) {
-            step(h0, H, rows, z);
-          } else {
-            const int64_t tp = step_at(g, d, i - 1);
-            const int64_t cont = std::min(rows, g.batch[tp]);
-            step(out + g.offset[tp] * ld, ld, cont, z);
-            step(h0 + cont * H, H, rows - cont, z + cont * ld);
-          }
-          barrier();
-        }
+        walk_forward<float>(
+            g, d, h0, out, i0, i1,
+            [&](const float* a, int64_t lda, int64_t rows, float* z) {
+              cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true,
+                                    act);
+            },
+            [] { barrier(); });
       });
       return;
     }
   }
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t t = step_at(g, d, i);
-    const int64_t rows = g.batch[t];
-    if (rows == 0) continue;
-    T* z = out + g.offset[t] * ld;
-    if (i == 0) {
-      step_forward<T>(g, c, h0, H, rows, z, ld);
-    } else {
-      const int64_t tp = step_at(g, d, i - 1);  // previous step in processing order
-      // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows rows
-      // continue; the others start here from h0.
-      const int64_t cont = std::min(rows, g.batch[tp]);
-      step_forward<T>(g, c, out + g.offset[tp] * ld, ld, cont, z, ld);
-      step_forward<T>(g, c, h0 + cont * H, H, rows - cont, z + cont * ld, ld);
-    }
-  }
+  walk_forward<T>(
+      g, d, h0, out, i0, i1,
+      [&](const T* a, int64_t lda, int64_t rows, T* z) {
+        step_forward<T>(g, c, a, lda, rows, z, ld);
+      },
+      [] {});
 }
 
 // W_hh of every (layer, direction) packed for the float32 step kernel (transposed for the
@@ -426,64 +431,66 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
   return {output, hy, ws, saved_noise};
 }
 
+// The BPTT steps [i0, i1) of one direction (walked backwards), on columns [c0, c1) of dh and
+// dz: per step dh += dy_t and dz_t = dh act'(h_t) on those columns, then sync() (the team's
+// barrier: the product needs every column of dz_t), then product(o, rows): those columns of
+// dh_prev = dz_t W_hh.  A team member's elementwise part reads only the columns of dh its own
+// product wrote, so one barrier per step suffices.
+template <typename T, typename Sync, typename Product>
+void walk_backward(const Geometry& g, int64_t d, const T* h_out, const T* dy, T* dz, T* dh,
+                   int64_t i0, int64_t i1, int64_t c0, int64_t c1, const Sync& sync,
+                   const Product& product) {
+  const int64_t H = g.H, DH = g.D * g.H, cols = c1 - c0;
+  for (int64_t i = i1 - 1; i >= i0; --i) {
+    const int64_t t = step_at(g, d, i);
+    const int64_t rows = g.batch[t];
+    if (rows == 0) continue;  // (the same on every team member)
+    const int64_t o = g.offset[t];
+    if (cols > 0) {
+      for (int64_t r = 0; r < rows; ++r) {  // dh += dy_t
+        const T* src = dy + (o + r) * DH + c0;
+        T* dst = dh + r * H + c0;
+        for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
+      }
+      cpu::act_backward<T>(g.relu, dh + c0, H, h_out + o * DH + c0, DH, dz + o * DH + c0, DH,
+                           rows, cols);
+    }
+    sync();
+    product(o, rows);
+  }
+}
+
 // BPTT of one direction of one layer over steps [i0, i1) (processing order; walked backwards).
 // dy: gradient w.r.t. this direction's output columns (row stride D*H); dh: (B, H), carried.
+// dh_prev = dz W_hh overwrites rows [0, rows); rows past them keep their value (they have not
+// started, or are done).
 template <typename T>
 void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dy, T* dz,
           T* dh, int64_t i0, int64_t i1) {
   const int64_t H = g.H, DH = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
     if (c.panel != nullptr && use_team(g)) {
-      // Member k owns columns [c0, c1) of dh and dz: its elementwise part of a step needs only
-      // its own columns of dh (which its own product of the previous step wrote); the product
-      // dh = dz W_hh needs every column of dz: one barrier per step, between the two.
       run_team([&](int64_t k, int64_t n) {
         const Share sh(H, k, n);
-        const int64_t cols = sh.c1 - sh.c0;
-        for (int64_t i = i1 - 1; i >= i0; --i) {
-          const int64_t t = step_at(g, d, i);
-          const int64_t rows = g.batch[t];
-          if (rows == 0) continue;  // (the same on every member)
-          const int64_t o = g.offset[t];
-          for (int64_t r = 0; r < rows && cols > 0; ++r) {  // dh += dy_t (own columns)
-            const float* src = dy + (o + r) * DH + sh.c0;
-            float* dst = dh + r * H + sh.c0;
-            for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
-          }
-          if (cols > 0) {
-            cpu::act_backward<float>(g.relu, dh + sh.c0, H, h_out + o * DH + sh.c0, DH,
-                                     dz + o * DH + sh.c0, DH, rows, cols);
-          }
-          barrier();
-          cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, dz + o * DH, DH, c.panel, dh, H,
-                                false, cpu::StepAct::kNone);
-          // (no barrier here: the next step's elementwise part reads only the member's own
-          // columns of dh, and dz rows of another step)
-        }
+        walk_backward<float>(
+            g, d, h_out, dy, dz, dh, i0, i1, sh.c0, sh.c1, [] { barrier(); },
+            [&](int64_t o, int64_t rows) {
+              cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, dz + o * DH, DH, c.panel, dh,
+                                    H, false, cpu::StepAct::kNone);
+            });
       });
       return;
     }
   }
-  for (int64_t i = i1 - 1; i >= i0; --i) {
-    const int64_t t = step_at(g, d, i);
-    const int64_t rows = g.batch[t];
-    if (rows == 0) continue;
-    const int64_t o = g.offset[t];
-    for (int64_t r = 0; r < rows; ++r) {  // dh += dy_t
-      const T* src = dy + (o + r) * DH;
-      T* dst = dh + r * H;
-      for (int64_t j = 0; j < H; ++j) dst[j] += src[j];
-    }
-    cpu::act_backward<T>(g.relu, dh, H, h_out + o * DH, DH, dz + o * DH, DH, rows, H);
-    // dh_prev = dz W_hh; rows past `rows` keep their value (they have not started, or are done)
+  walk_backward<T>(g, d, h_out, dy, dz, dh, i0, i1, 0, H, [] {}, [&](int64_t o, int64_t rows) {
     if constexpr (std::is_same_v<T, float>) {
       if (c.panel != nullptr && !blas_step(rows, H)) {
         cpu::step_gemm(rows, H, H, dz + o * DH, DH, c.panel, dh, H, false, cpu::StepAct::kNone);
-        continue;
+        return;
       }
     }
     gemm<T>(false, false, rows, H, H, T(1), dz + o * DH, DH, c.w_hh, H, T(0), dh, H);
-  }
+  });
 }
 
 // dst[j] = sum over rows r of src[r * ld + j] (j < cols), accumulated in double: the bias

@@ -1,6 +1,5 @@
 #include "cpu/step_kernel.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -148,21 +147,6 @@ void column_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, co
 
 }  // namespace
 
-void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
-               float* C, int64_t ldc, bool accumulate, StepAct act) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t nblocks = (N + 15) / 16;
-  // Column blocks over torch's threads once a step is worth a parallel region (inline when
-  // already inside one: the direction / wavefront tasks).
-  if (M * N * K >= (int64_t(1) << 19) && nblocks > 1) {
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      column_blocks(b0, b1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
-    });
-  } else {
-    column_blocks(0, nblocks, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
-  }
-}
-
 void step_gemm_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, const float* A,
                       int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
                       StepAct act) {
@@ -179,11 +163,12 @@ void step_gemm_blocks(int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
   TORCH_INTERNAL_ASSERT(false, "rnn_ext: the step kernel needs AVX2");
 }
 
-void step_gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t,
-               bool, StepAct) {
-  TORCH_INTERNAL_ASSERT(false, "rnn_ext: the step kernel needs AVX2");
-}
-
 #endif
+
+void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp,
+               float* C, int64_t ldc, bool accumulate, StepAct act) {
+  // (one thread: several threads split a step's column blocks as a team, csrc/cpu/rnn_cpu.cpp)
+  step_gemm_blocks(0, (N + 15) / 16, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+}
 
 }  // namespace rnn_ext::cpu
