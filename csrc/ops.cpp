@@ -1,6 +1,5 @@
 // Registers the extension's operators: schemas in TORCH_LIBRARY, one TORCH_LIBRARY_IMPL per
 // backend.  Autograd and the fake (meta) kernels are registered from Python (rnn_ext/ops.py).
-#include <Python.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -10,13 +9,7 @@
 #include "cpu/blas.h"
 #include "rnn_ext.h"
 
-// `import rnn_ext._C` loads this library, which runs the registrations below.
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+// (The Python module rnn_ext._C, whose import loads this library, is csrc/python.cpp.)
 
 namespace rnn_ext {
 

@@ -105,12 +105,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, hx, batch_sizes, out, ws, noise, *weights)
 
 
-def _differentiable_backward(ctx, saved, needs, grad_output, grad_hy):
+def _differentiable_backward(saved, config, needs, grad_output, grad_hy):
     """Gradients as a differentiable function of everything (create_graph=True, double
     backward): recompute the forward with rnn_ext.reference, which is plain autograd-able
-    PyTorch, using the same dropout noise, and differentiate it."""
+    PyTorch, using the same dropout noise, and differentiate it.
+
+    saved: (input, hx, batch_sizes or None, output, workspace, noise, *weights); config:
+    (has_biases, num_layers, bidirectional, relu); needs: (input?, hx?, [weight?, ...]).
+    Returns (grad_input, grad_hx, [grad of each weight]), None where not needed.  Also called
+    by the C++ autograd node (csrc/autograd.cpp)."""
     input, hx, batch_sizes, _out, _ws, noise, *weights = saved
-    _has_biases, num_layers, bidirectional, relu = ctx.config
+    _has_biases, num_layers, bidirectional, relu = config
     wanted = []
     if needs[0]:
         wanted.append(input)
@@ -141,6 +146,9 @@ def _differentiable_backward(ctx, saved, needs, grad_output, grad_hy):
     return grad_input, grad_hx, grad_weights
 
 
+_C.set_differentiable_backward(_differentiable_backward)
+
+
 def _backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
     return _gradients(ctx, ctx.needs_input_grad, grad_output, grad_hy) + (None,) * 8
 
@@ -154,7 +162,7 @@ def _gradients(ctx, needs, grad_output, grad_hy):
     if grad_output is None and grad_hy is None:
         return None, None, [None] * len(weights)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _differentiable_backward(ctx, saved, needs, grad_output, grad_hy)
+        return _differentiable_backward(saved, ctx.config, needs, grad_output, grad_hy)
     has_biases, num_layers, bidirectional, relu = ctx.config
     gi, ghx, gw = rnn_backward(
         input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
@@ -168,42 +176,6 @@ def _gradients(ctx, needs, grad_output, grad_hy):
 
 
 torch.library.register_autograd("rnn_ext::rnn_forward", _backward, setup_context=_setup_context)
-
-
-class _RNNFunction(torch.autograd.Function):
-    """The eager path of ``rnn()`` when a gradient is needed: the same forward op and the same
-    backward as registered for it above, without torch.library's per-call Python wrapping
-    (pytree flattening, default filling), which costs more than the whole kernel at small
-    sizes.  torch.compile and export trace the op itself (its registered autograd).
-
-    ``forward`` takes ``ctx`` (no ``setup_context``): with a separate ``setup_context``,
-    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call, which
-    measured ~70 us, more than the op at the walkthrough's sizes.  (functorch transforms, which
-    need ``setup_context``, are not supported by rnn_ext anyway.)"""
-
-    @staticmethod
-    def forward(ctx, input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu,
-                dropout, train, *weights):
-        weights = list(weights)
-        with torch._C._AutoDispatchBelowAutograd():
-            output = rnn_forward(input, hx, weights, batch_sizes, has_biases, num_layers,
-                                 bidirectional, relu, dropout, train, True)
-        _setup_context(ctx, (input, hx, weights, batch_sizes, has_biases, num_layers,
-                             bidirectional, relu, dropout, train, True), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
-        needs = ctx.needs_input_grad
-        # The op's structure (input, hx, [weights]), as the shared backward expects it.
-        grad_input, grad_hx, grad_weights = _gradients(
-            ctx, (needs[0], needs[1], list(needs[9:])), grad_output, grad_hy
-        )
-        return (grad_input, grad_hx) + (None,) * 7 + tuple(grad_weights)
-
-
-_apply_rnn_function = torch._C._FunctionBase.__dict__["apply"].__get__(None, _RNNFunction)
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def rnn(
@@ -221,32 +193,20 @@ def rnn(
 ) -> tuple[Tensor, Tensor]:
     """Functional form: output and h_n of the stack, like ``torch._VF.rnn_tanh``/``rnn_relu``
     (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's)."""
-    weights = list(weights)
     dropout = float(dropout)
-    need_grad = torch.is_grad_enabled() and (
-        input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
-    )
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # traced (torch.compile, export) or under torch.func transforms: the op, with the
+        # autograd registered for it above
+        weights = list(weights)
+        need_grad = torch.is_grad_enabled() and (
+            input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
+        )
         out, hy, _ws, _noise = rnn_forward(
             input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
             dropout, train, need_grad,
         )
-    elif need_grad:
-        if torch._C._are_functorch_transforms_active():
-            apply = _RNNFunction.apply  # (raises: functorch transforms are not supported)
-        else:
-            # Function.apply's Python wrapper only unwraps dead functorch wrappers (tensors that
-            # escaped a finished transform) before this C call; it cost ~15 us per call.
-            apply = _apply_rnn_function
-            input, hx = _unwrap_if_dead(input), _unwrap_if_dead(hx)
-        out, hy, _ws, _noise = apply(
-            input, hx, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout, train,
-            *weights,
-        )
-    else:
-        with torch._C._AutoDispatchBelowAutograd():
-            out, hy, _ws, _noise = rnn_forward(
-                input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu,
-                dropout, train, False,
-            )
-    return out, hy
+        return out, hy
+    # eager: the same op, with the C++ autograd node of csrc/autograd.cpp (the same backward
+    # op), reached without torch.ops' per-call Python argument handling
+    return _C.rnn(input, hx, weights, batch_sizes, bool(has_biases), num_layers,
+                  bool(bidirectional), bool(relu), dropout, bool(train))

@@ -1,0 +1,152 @@
+// The Python module rnn_ext._C.  Importing it loads this library, which registers the ops
+// (csrc/ops.cpp).  It also holds the eager fast path of rnn_ext.ops.rnn: a plain CPython call
+// into csrc/autograd.cpp.  Calling an op through torch.ops costs ~20 us of argument parsing
+// (more when its Python autograd registration is on the way) on a small CPU, more than the
+// whole kernel at small sizes; this entry costs ~1 us.
+#include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <pybind11/pybind11.h>
+
+#include "autograd.h"
+
+namespace rnn_ext {
+namespace {
+
+const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
+  if (!THPVariable_Check(obj)) {
+    throw torch::TypeError(
+        c10::str("rnn_ext._C.rnn: ", name, " must be a Tensor, not ", Py_TYPE(obj)->tp_name));
+  }
+  return THPVariable_Unpack(obj);
+}
+
+bool bool_arg(PyObject* obj, const char* name) {
+  if (!PyBool_Check(obj)) {
+    throw torch::TypeError(
+        c10::str("rnn_ext._C.rnn: ", name, " must be a bool, not ", Py_TYPE(obj)->tp_name));
+  }
+  return obj == Py_True;
+}
+
+PyObject* wrap_or_none(const at::Tensor& t) {
+  if (!t.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(t);
+}
+
+// rnn(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
+//     train) -> (output, h_n)
+PyObject* py_rnn(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 10) {
+    throw torch::TypeError(
+        c10::str("rnn_ext._C.rnn takes 10 positional arguments (", nargs, " given)"));
+  }
+  const at::Tensor& input = tensor_arg(args[0], "input");
+  const at::Tensor& hx = tensor_arg(args[1], "hx");
+  PyObject* seq = PySequence_Fast(args[2], "rnn_ext._C.rnn: weights must be a sequence");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t nw = PySequence_Fast_GET_SIZE(seq);
+  std::vector<at::Tensor> weights;
+  weights.reserve(nw);
+  try {
+    for (Py_ssize_t i = 0; i < nw; ++i) {
+      weights.push_back(tensor_arg(PySequence_Fast_GET_ITEM(seq, i), "every weight"));
+    }
+  } catch (...) {
+    Py_DECREF(seq);
+    throw;
+  }
+  Py_DECREF(seq);
+  std::optional<at::Tensor> batch_sizes;
+  if (args[3] != Py_None) batch_sizes = tensor_arg(args[3], "batch_sizes");
+  const bool has_biases = bool_arg(args[4], "has_biases");
+  const int64_t num_layers = PyLong_AsLongLong(args[5]);
+  if (num_layers == -1 && PyErr_Occurred()) return nullptr;
+  const bool bidirectional = bool_arg(args[6], "bidirectional");
+  const bool relu = bool_arg(args[7], "relu");
+  const double dropout = PyFloat_AsDouble(args[8]);
+  if (dropout == -1.0 && PyErr_Occurred()) return nullptr;
+  const bool train = bool_arg(args[9], "train");
+
+  at::Tensor out, hy;
+  {
+    pybind11::gil_scoped_release no_gil;
+    std::tie(out, hy) = rnn(input, hx, weights, batch_sizes, has_biases, num_layers,
+                            bidirectional, relu, dropout, train);
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(out));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(hy));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+// The Python function computing the create_graph=True backward (rnn_ext.ops).
+PyObject* g_differentiable_backward = nullptr;
+
+BackwardResult call_differentiable_backward(const std::vector<at::Tensor>& saved,
+                                            const Config& c, bool need_input, bool need_hx,
+                                            const std::vector<bool>& need_w,
+                                            const at::Tensor& grad_output,
+                                            const at::Tensor& grad_hy) {
+  pybind11::gil_scoped_acquire gil;
+  namespace py = pybind11;
+  py::list saved_list;
+  for (const auto& t : saved) saved_list.append(py::reinterpret_steal<py::object>(wrap_or_none(t)));
+  py::list need_w_list;
+  for (bool n : need_w) need_w_list.append(py::bool_(n));
+  py::object got;
+  try {
+    got = py::reinterpret_borrow<py::object>(g_differentiable_backward)(
+        saved_list, py::make_tuple(c.has_biases, c.num_layers, c.bidirectional, c.relu),
+        py::make_tuple(need_input, need_hx, need_w_list),
+        py::reinterpret_steal<py::object>(wrap_or_none(grad_output)),
+        py::reinterpret_steal<py::object>(wrap_or_none(grad_hy)));
+  } catch (py::error_already_set& e) {
+    e.restore();
+    throw python_error();
+  }
+  auto as_tensor = [](const py::handle& h) {
+    return h.is_none() ? at::Tensor() : THPVariable_Unpack(h.ptr());
+  };
+  const auto parts = got.cast<py::tuple>();
+  std::vector<at::Tensor> grad_w;
+  for (const auto& g : parts[2].cast<py::list>()) grad_w.push_back(as_tensor(g));
+  return {as_tensor(parts[0]), as_tensor(parts[1]), std::move(grad_w)};
+}
+
+// set_differentiable_backward(fn): fn(saved, config, needs, grad_output, grad_hy) ->
+// (grad_input, grad_hx, [grad of each weight]), see autograd.h.
+PyObject* py_set_differentiable_backward(PyObject* /*self*/, PyObject* fn) {
+  HANDLE_TH_ERRORS
+  if (!PyCallable_Check(fn)) throw torch::TypeError("set_differentiable_backward: expected a callable");
+  Py_INCREF(fn);
+  Py_XDECREF(g_differentiable_backward);
+  g_differentiable_backward = fn;
+  set_differentiable_backward(&call_differentiable_backward);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"rnn", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_rnn)),
+     METH_FASTCALL,
+     "rnn(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, "
+     "dropout, train) -> (output, h_n): the whole stack, with one autograd node when a "
+     "gradient is needed (see rnn_ext.ops.rnn)"},
+    {"set_differentiable_backward", &py_set_differentiable_backward, METH_O,
+     "installs the Python function that computes the create_graph=True backward"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace rnn_ext
+
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          rnn_ext::methods};
+  return PyModule_Create(&module_def);
+}
+}
