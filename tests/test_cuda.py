@@ -559,3 +559,62 @@ def test_long_sequence_fp32():
     ref, ext = make_modules(c, torch.float32, "cuda")
     assert_close(run(ext, c, x, hx, torch.float32, "cuda"),
                  run(ref, c, x, hx, torch.float32, "cuda"), 5e-4, "vs cuDNN")
+
+
+# ------------------------------------------------------------------------------------------
+# Determinism and sizes past 2^31 (issue 7)
+
+
+@pytest.mark.parametrize("kernel", ["step", "persistent"])
+@pytest.mark.parametrize("c", [case(I=16, H=64, L=2, bidirectional=True, B=9, T=7),
+                               case(I=8, H=37, L=2, B=5, T=6, mode="packed_unsorted",
+                                    lengths=[2, 6, 1, 6, 4])], ids=case_id)
+def test_bitwise_deterministic(c, kernel):
+    """Outputs and every gradient identical bit for bit from run to run (no atomics that
+    reorder sums), with either recurrence kernel."""
+    prev = rnn_ext.set_cuda_kernel(kernel)
+    try:
+        x, hx = make_inputs(c)
+        _, ext = make_modules(c, torch.float32, "cuda")
+        first = run(ext, c, x, hx, torch.float32, "cuda")
+        for _ in range(3):
+            again = run(ext, c, x, hx, torch.float32, "cuda")
+            for k in first:
+                assert torch.equal(first[k], again[k]), k
+    finally:
+        rnn_ext.set_cuda_kernel(prev)
+
+
+def test_output_beyond_2_31_elements_cuda():
+    """Forward and backward with more than 2^31 elements in the output (8.6 GB in fp32; ~45 GB
+    in all): 64-bit indexing in every kernel.  The last steps (past 2^31 elements) are checked
+    against rnn_ext.reference started from the kernel's own state; the gradient of the input at
+    the last steps against the reference's."""
+    from rnn_ext import reference
+
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs a GPU with 60 GiB")
+    torch.manual_seed(0)
+    T, B, H = 2**17 + 8, 512, 16
+    m = rnn_ext.RNN(1, H, bidirectional=True).cuda()
+    x = torch.empty(T, B, 1, device="cuda").uniform_(-2, 2).requires_grad_()
+    out, hn = m(x)
+    assert out.numel() > 2**31
+    w = [t.detach() for t in m._flat_weights]
+    k = 4
+    kw = dict(num_layers=1, bidirectional=False, relu=False)
+    with torch.no_grad():
+        o_fwd, h_fwd = reference.rnn(x[-k:], out[-k - 1, :, :H].unsqueeze(0), w[:4], **kw)
+        torch.testing.assert_close(o_fwd, out[-k:, :, :H], rtol=0, atol=1e-5)
+        torch.testing.assert_close(h_fwd[0], hn[0], rtol=0, atol=1e-5)
+        o_rev, h_rev = reference.rnn(x[:k].flip(0), out[k, :, H:].unsqueeze(0), w[4:], **kw)
+        torch.testing.assert_close(o_rev.flip(0), out[:k, :, H:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(h_rev[0], hn[1], rtol=0, atol=1e-5)
+    # backward of a loss on the last k output steps of the forward direction only: the
+    # gradient reaches x[-k:] through those k steps alone
+    (gx,) = torch.autograd.grad(out[-k:, :, :H].sum(), x)
+    xs = x[-k:].detach().requires_grad_()
+    o_ref, _ = reference.rnn(xs, out[-k - 1, :, :H].detach().unsqueeze(0), w[:4], **kw)
+    (gref,) = torch.autograd.grad(o_ref.sum(), xs)
+    torch.testing.assert_close(gx[-k:], gref, rtol=1e-4, atol=1e-5)
+    assert torch.count_nonzero(gx[: T - k - 1]).item() > 0  # earlier steps got gradient too

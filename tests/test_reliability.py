@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
+from rnn_ext import reference
 from conftest import ReferenceModule, forward_backward, make_pair
 
 op_forward = torch.ops.rnn_ext.rnn_forward.default
@@ -538,6 +539,48 @@ def test_large_batch_sizes_never_reach_a_kernel():
     with pytest.raises(RuntimeError, match="overflow"):
         op_forward(R(0, 3), torch.zeros(1, 1, 5).expand(1, 2**62, 5), w, torch.tensor([2**62] * 4),
                    True, 1, False, False, 0.0, False, False)
+
+
+def _mem_available_bytes():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+BIG_T, BIG_B, BIG_H = 2**17 + 8, 512, 16  # output: (T, B, 2 H) = 2^31 + 2^17 float32 elements
+
+
+@pytest.mark.skipif(_mem_available_bytes() < 12 * 2**30,
+                    reason="needs 12 GiB free: a float32 output of more than 2^31 elements")
+def test_output_beyond_2_31_elements():
+    """A forward whose output has more than 2^31 elements (8.6 GB): 64-bit indexing all the way.
+    The recurrence is Markov, so the steps nearest the end (rows past 2^31 elements, where a
+    32-bit offset would wrap) are checked against rnn_ext.reference started from the kernel's
+    own state a few steps earlier, in both directions, and h_n against the output rows."""
+    torch.manual_seed(0)
+    T, B, H = BIG_T, BIG_B, BIG_H
+    m = rnn_ext.RNN(1, H, bidirectional=True)
+    x = torch.empty(T, B, 1).uniform_(-2, 2)
+    with torch.inference_mode():
+        out, hn = m(x)
+        assert out.shape == (T, B, 2 * H) and out.numel() > 2**31
+        w = [t.detach() for t in m._flat_weights]
+        k = 4
+        kw = dict(num_layers=1, bidirectional=False, relu=False)
+        # forward direction: the last k steps, from the kernel's state at step T-k-1
+        o_fwd, h_fwd = reference.rnn(x[-k:], out[-k - 1, :, :H].unsqueeze(0), w[:4], **kw)
+        torch.testing.assert_close(o_fwd, out[-k:, :, :H], rtol=0, atol=1e-6)
+        torch.testing.assert_close(h_fwd[0], hn[0], rtol=0, atol=1e-6)
+        assert torch.equal(hn[0], out[-1, :, :H])
+        # reverse direction: it starts at the end (from zero) and ends at step 0
+        o_rev, _ = reference.rnn(x[-k:].flip(0), torch.zeros(1, B, H), w[4:], **kw)
+        torch.testing.assert_close(o_rev.flip(0), out[-k:, :, H:], rtol=0, atol=1e-6)
+        o_rev, h_rev = reference.rnn(x[:k].flip(0), out[k, :, H:].unsqueeze(0), w[4:], **kw)
+        torch.testing.assert_close(o_rev.flip(0), out[:k, :, H:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(h_rev[0], hn[1], rtol=0, atol=1e-6)
+        assert torch.isfinite(out[-1]).all() and out[-1].abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------
