@@ -193,12 +193,16 @@ def test_cpu_task_parallel_paths_match_torch_in_a_subprocess():
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-10
 
 
-def test_cpu_team_recurrence_matches_one_thread_and_torch_in_a_subprocess():
-    """The team recurrence (float32: the threads split each step's columns, one barrier per
-    step, forward and BPTT), forced on for every size with RNN_EXT_TEAM_MIN=0: its forward is
-    bitwise the single-thread result (the same kernel computes every element the same way), and
-    output, h_n and every gradient agree with torch.nn.RNN, for partial column blocks (H = 17,
-    40), packed input with ragged lengths, both directions, relu and tanh."""
+@pytest.mark.parametrize("rows_min", ["0", "1"], ids=["column-team", "row-team"])
+def test_cpu_team_recurrence_matches_one_thread_and_torch_in_a_subprocess(rows_min):
+    """The team recurrences (float32, forward and BPTT), forced on for every size with
+    RNN_EXT_TEAM_MIN=0: the column team (the threads split each step's columns, one barrier per
+    step; RNN_EXT_TEAM_ROWS_MIN=0) and the row team (each thread runs its own slice of the
+    batch rows through all steps; =1, which takes every B >= 2): its forward is bitwise the
+    single-thread result (the same kernel computes every element the same way), and output,
+    h_n and every gradient agree with torch.nn.RNN, for partial column blocks (H = 17, 40),
+    packed input with ragged lengths (rows finishing inside one thread's slice), uneven row
+    slices (B = 3), both directions, relu and tanh."""
     import json
     import os
     import subprocess
@@ -242,7 +246,8 @@ def test_cpu_team_recurrence_matches_one_thread_and_torch_in_a_subprocess():
                               worst_threads=worst_threads, cases=cases)))
         """
     )
-    env = dict(os.environ, RNN_EXT_TEAM_MIN="0")
+    env = dict(os.environ, RNN_EXT_TEAM_MIN="0", RNN_EXT_TEAM_ROWS_MIN=rows_min,
+               RNN_EXT_CPU_TASK_PARALLEL="0")  # (the tasks run their recurrences alone)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

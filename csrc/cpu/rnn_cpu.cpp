@@ -111,23 +111,37 @@ bool blas_step(int64_t rows, int64_t H) {
          !at::in_parallel_region();
 }
 
-// A recurrence computed by a team of threads: every member owns a range of 16-column blocks
-// of h and computes those columns of each step, then waits at a barrier for the others (the
-// next step reads all of h).  One parallel region per recurrence instead of one per step, so
-// it pays from a few microseconds of work per step on.  Only where nothing else runs
-// concurrently (not inside the direction / wavefront tasks) and only for the float32 step
-// kernel.  RNN_EXT_TEAM_MIN: the smallest step (rows x H x H multiply-adds) that uses it.
-bool use_team(const Geometry& g) {
+// A recurrence computed by a team of torch's intra-op threads, one parallel region per
+// recurrence (not one per step), only where nothing else runs concurrently (not inside the
+// direction / wavefront tasks) and only for the float32 step kernel:
+//  - kRows: the batch rows are independent recurrences: each member runs all the steps of its
+//    own slice of rows, reading only the state it wrote itself (no barrier, no state moving
+//    between cores); when the rows split evenly or every member gets >= RNN_EXT_TEAM_ROWS_MIN
+//    rows (default 2; 0: never);
+//  - kColumns: every member owns a range of 16-column blocks of h and computes those columns
+//    of each step, then waits at a barrier (the next step reads all of h): for small batches.
+// RNN_EXT_TEAM_MIN: the smallest step (rows x H x H multiply-adds) that uses a team.
+enum class Team { kNone, kRows, kColumns };
+
+Team team_kind(const Geometry& g) {
 #ifdef _OPENMP
   static const int64_t min_fma = [] {
     const char* v = std::getenv("RNN_EXT_TEAM_MIN");
     return v == nullptr ? (int64_t(1) << 13) : std::atoll(v);
   }();
-  return g.H > 16 && g.B * g.H * g.H >= min_fma && at::get_num_threads() > 1 &&
-         !at::in_parallel_region();
+  static const int64_t min_rows = [] {
+    const char* v = std::getenv("RNN_EXT_TEAM_ROWS_MIN");
+    return v == nullptr ? int64_t(2) : std::max<int64_t>(0, std::atoll(v));
+  }();
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || at::in_parallel_region() || g.B * g.H * g.H < min_fma) return Team::kNone;
+  if (min_rows > 0 && (g.B >= min_rows * threads || (g.B >= threads && g.B % threads == 0))) {
+    return Team::kRows;
+  }
+  return g.H > 16 ? Team::kColumns : Team::kNone;
 #else
   (void)g;
-  return false;
+  return Team::kNone;
 #endif
 }
 
@@ -161,6 +175,12 @@ struct Share {
   }
 };
 
+// The batch rows owned by member k of n in a row team.
+struct RowShare {
+  int64_t r0, r1;
+  RowShare(int64_t B, int64_t k, int64_t n) : r0(B * k / n), r1(B * (k + 1) / n) {}
+};
+
 // z (rows x H, row stride ld) = act(z + a W_hh^T), a: (rows x H) with row stride lda.
 template <typename T>
 void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, int64_t rows,
@@ -177,27 +197,28 @@ void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, 
   activate(g, z, rows, ld);
 }
 
-// The steps [i0, i1) of a recurrence in this direction's processing order:
-// step(a, lda, rows, z) computes the `rows` rows z of a step from their previous state a, then
-// after_step() runs (the team's barrier; nothing on one thread).
+// The steps [i0, i1) of a recurrence in this direction's processing order, on the batch rows
+// [r0, r1) (rows are independent: each carries its own state):
+// step(a, lda, rows, z) computes `rows` rows z of a step from their previous state a, then
+// after_step() runs (the column team's barrier; nothing otherwise).
 template <typename T, typename Step, typename After>
 void walk_forward(const Geometry& g, int64_t d, const T* h0, T* out, int64_t i0, int64_t i1,
-                  const Step& step, const After& after_step) {
+                  int64_t r0, int64_t r1, const Step& step, const After& after_step) {
   const int64_t H = g.H, ld = g.D * g.H;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t t = step_at(g, d, i);
-    const int64_t rows = g.batch[t];
-    if (rows == 0) continue;  // (the same on every team member: the barriers stay matched)
-    T* z = out + g.offset[t] * ld;
+    const int64_t hi = std::min(r1, g.batch[t]);  // rows [r0, hi) are active at step t
+    if (hi <= r0) continue;  // (column team: r0 = 0, the same on every member)
+    T* z = out + (g.offset[t] + r0) * ld;
     if (i == 0) {
-      step(h0, H, rows, z);
+      step(h0 + r0 * H, H, hi - r0, z);
     } else {
       const int64_t tp = step_at(g, d, i - 1);  // previous step in processing order
-      // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows rows
+      // Forward: batch[tp] >= batch[t], all rows continue.  Reverse: only rows below batch[tp]
       // continue; the others start here from h0.
-      const int64_t cont = std::min(rows, g.batch[tp]);
-      step(out + g.offset[tp] * ld, ld, cont, z);
-      step(h0 + cont * H, H, rows - cont, z + cont * ld);
+      const int64_t cont = std::max(r0, std::min(hi, g.batch[tp]));
+      step(out + (g.offset[tp] + r0) * ld, ld, cont - r0, z);
+      step(h0 + cont * H, H, hi - cont, out + (g.offset[t] + cont) * ld);
     }
     after_step();
   }
@@ -209,23 +230,37 @@ void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, 
            int64_t i1) {
   const int64_t H = g.H, ld = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
-    if (c.panel != nullptr && use_team(g)) {
-      const auto act = g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh;
-      run_team([&](int64_t k, int64_t n) {
-        const Share sh(H, k, n);
-        walk_forward<float>(
-            g, d, h0, out, i0, i1,
-            [&](const float* a, int64_t lda, int64_t rows, float* z) {
-              cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true,
-                                    act);
-            },
-            [] { barrier(); });
-      });
-      return;
+    const auto act = g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh;
+    switch (c.panel == nullptr ? Team::kNone : team_kind(g)) {
+      case Team::kRows:
+        run_team([&](int64_t k, int64_t n) {
+          const RowShare rs(g.B, k, n);
+          walk_forward<float>(
+              g, d, h0, out, i0, i1, rs.r0, rs.r1,
+              [&](const float* a, int64_t lda, int64_t rows, float* z) {
+                cpu::step_gemm(rows, H, H, a, lda, c.panel, z, ld, true, act);
+              },
+              [] {});
+        });
+        return;
+      case Team::kColumns:
+        run_team([&](int64_t k, int64_t n) {
+          const Share sh(H, k, n);
+          walk_forward<float>(
+              g, d, h0, out, i0, i1, 0, g.B,
+              [&](const float* a, int64_t lda, int64_t rows, float* z) {
+                cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true,
+                                      act);
+              },
+              [] { barrier(); });
+        });
+        return;
+      case Team::kNone:
+        break;
     }
   }
   walk_forward<T>(
-      g, d, h0, out, i0, i1,
+      g, d, h0, out, i0, i1, 0, g.B,
       [&](const T* a, int64_t lda, int64_t rows, T* z) {
         step_forward<T>(g, c, a, lda, rows, z, ld);
       },
@@ -431,58 +466,75 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
   return {output, hy, ws, saved_noise};
 }
 
-// The BPTT steps [i0, i1) of one direction (walked backwards), on columns [c0, c1) of dh and
-// dz: per step dh += dy_t and dz_t = dh act'(h_t) on those columns, then sync() (the team's
-// barrier: the product needs every column of dz_t), then product(o, rows): those columns of
-// dh_prev = dz_t W_hh.  A team member's elementwise part reads only the columns of dh its own
-// product wrote, so one barrier per step suffices.
+// The BPTT steps [i0, i1) of one direction (walked backwards), on the batch rows [r0, r1) and
+// the columns [c0, c1) of dh and dz: per step dh += dy_t and dz_t = dh act'(h_t) on those rows
+// and columns, then sync() (the column team's barrier: the product needs every column of
+// dz_t), then product(o, lo, hi): rows [lo, hi) of dh_prev = dz_t W_hh, on the columns the
+// caller owns (o: the step's first row).  A column-team member's elementwise part reads only
+// the columns of dh its own product wrote, so one barrier per step suffices.
 template <typename T, typename Sync, typename Product>
 void walk_backward(const Geometry& g, int64_t d, const T* h_out, const T* dy, T* dz, T* dh,
-                   int64_t i0, int64_t i1, int64_t c0, int64_t c1, const Sync& sync,
-                   const Product& product) {
+                   int64_t i0, int64_t i1, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                   const Sync& sync, const Product& product) {
   const int64_t H = g.H, DH = g.D * g.H, cols = c1 - c0;
   for (int64_t i = i1 - 1; i >= i0; --i) {
     const int64_t t = step_at(g, d, i);
-    const int64_t rows = g.batch[t];
-    if (rows == 0) continue;  // (the same on every team member)
+    const int64_t hi = std::min(r1, g.batch[t]);
+    if (hi <= r0) continue;  // (column team: r0 = 0, the same on every member)
     const int64_t o = g.offset[t];
     if (cols > 0) {
-      for (int64_t r = 0; r < rows; ++r) {  // dh += dy_t
+      for (int64_t r = r0; r < hi; ++r) {  // dh += dy_t
         const T* src = dy + (o + r) * DH + c0;
         T* dst = dh + r * H + c0;
         for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
       }
-      cpu::act_backward<T>(g.relu, dh + c0, H, h_out + o * DH + c0, DH, dz + o * DH + c0, DH,
-                           rows, cols);
+      cpu::act_backward<T>(g.relu, dh + r0 * H + c0, H, h_out + (o + r0) * DH + c0, DH,
+                           dz + (o + r0) * DH + c0, DH, hi - r0, cols);
     }
     sync();
-    product(o, rows);
+    product(o, r0, hi);
   }
 }
 
 // BPTT of one direction of one layer over steps [i0, i1) (processing order; walked backwards).
 // dy: gradient w.r.t. this direction's output columns (row stride D*H); dh: (B, H), carried.
-// dh_prev = dz W_hh overwrites rows [0, rows); rows past them keep their value (they have not
-// started, or are done).
+// dh_prev = dz W_hh overwrites the rows active at the step; rows past them keep their value
+// (they have not started, or are done).
 template <typename T>
 void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dy, T* dz,
           T* dh, int64_t i0, int64_t i1) {
   const int64_t H = g.H, DH = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
-    if (c.panel != nullptr && use_team(g)) {
-      run_team([&](int64_t k, int64_t n) {
-        const Share sh(H, k, n);
-        walk_backward<float>(
-            g, d, h_out, dy, dz, dh, i0, i1, sh.c0, sh.c1, [] { barrier(); },
-            [&](int64_t o, int64_t rows) {
-              cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, dz + o * DH, DH, c.panel, dh,
-                                    H, false, cpu::StepAct::kNone);
-            });
-      });
-      return;
+    switch (c.panel == nullptr ? Team::kNone : team_kind(g)) {
+      case Team::kRows:
+        run_team([&](int64_t k, int64_t n) {
+          const RowShare rs(g.B, k, n);
+          walk_backward<float>(
+              g, d, h_out, dy, dz, dh, i0, i1, rs.r0, rs.r1, 0, H, [] {},
+              [&](int64_t o, int64_t lo, int64_t hi) {
+                cpu::step_gemm(hi - lo, H, H, dz + (o + lo) * DH, DH, c.panel, dh + lo * H, H,
+                               false, cpu::StepAct::kNone);
+              });
+        });
+        return;
+      case Team::kColumns:
+        run_team([&](int64_t k, int64_t n) {
+          const Share sh(H, k, n);
+          walk_backward<float>(
+              g, d, h_out, dy, dz, dh, i0, i1, 0, g.B, sh.c0, sh.c1, [] { barrier(); },
+              [&](int64_t o, int64_t lo, int64_t hi) {
+                cpu::step_gemm_blocks(sh.jb0, sh.jb1, hi - lo, H, H, dz + (o + lo) * DH, DH,
+                                      c.panel, dh + lo * H, H, false, cpu::StepAct::kNone);
+              });
+        });
+        return;
+      case Team::kNone:
+        break;
     }
   }
-  walk_backward<T>(g, d, h_out, dy, dz, dh, i0, i1, 0, H, [] {}, [&](int64_t o, int64_t rows) {
+  walk_backward<T>(g, d, h_out, dy, dz, dh, i0, i1, 0, g.B, 0, H, [] {},
+                   [&](int64_t o, int64_t lo, int64_t hi) {
+    const int64_t rows = hi - lo;  // (lo = 0 here)
     if constexpr (std::is_same_v<T, float>) {
       if (c.panel != nullptr && !blas_step(rows, H)) {
         cpu::step_gemm(rows, H, H, dz + o * DH, DH, c.panel, dh, H, false, cpu::StepAct::kNone);
