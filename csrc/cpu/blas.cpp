@@ -55,6 +55,26 @@ void gemm_aten(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
   }
 }
 
+// A product too small for a BLAS call to pay: a plain loop (a BLAS call costs ~1 us here and
+// MKL may wake its threads for it; the walkthrough's sizes are all such products).
+constexpr int64_t kSmallProduct = 1 << 12;  // m n k multiply-adds
+
+template <typename T>
+void gemm_small(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      T acc = T(0);
+      for (int64_t p = 0; p < k; ++p) {
+        acc += (trans_a ? a[p * lda + i] : a[i * lda + p]) *
+               (trans_b ? b[j * ldb + p] : b[p * ldb + j]);
+      }
+      T& out = c[i * ldc + j];
+      out = beta == T(0) ? alpha * acc : alpha * acc + beta * out;
+    }
+  }
+}
+
 }  // namespace
 
 bool direct_blas_available() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
@@ -67,6 +87,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     // Empty sum: C = beta * C.
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  if (m * n * k <= kSmallProduct) {
+    gemm_small<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   const auto& bl = blas();
