@@ -55,6 +55,10 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
 // workspace, noise, then the weights.
 constexpr size_t kFirstWeight = 6;
 
+}  // namespace
+
+// (outside the anonymous namespace: its name is the node's name,
+// "torch::autograd::CppNode<rnn_ext::RNNFunction>")
 struct RNNFunction : public torch::autograd::Function<RNNFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& hx, at::TensorList weights,
@@ -122,8 +126,6 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction> {
     return result;
   }
 };
-
-}  // namespace
 
 void set_differentiable_backward(DifferentiableBackward fn) {
   differentiable_backward() = std::move(fn);

@@ -256,3 +256,38 @@ def test_profiler_shows_the_extension_ops_and_no_aten_rnn(packed):
     assert "rnn_ext::rnn_forward" in names
     assert "rnn_ext::rnn_backward" in names
     assert not any(n.startswith("aten::rnn_") or "_cudnn_rnn" in n for n in names), names
+
+
+def test_eager_training_runs_on_the_cpp_autograd_node():
+    """Eager calls with a gradient get one C++ node (csrc/autograd.cpp) for output and h_n, whose
+    edges lead to the input and every parameter (not the op's Python autograd, which costs more
+    than the kernel at small sizes)."""
+    m = rnn_ext.RNN(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    out, hn = m(x)
+    assert out.grad_fn is hn.grad_fn
+    assert out.grad_fn.name() == "torch::autograd::CppNode<rnn_ext::RNNFunction>"
+    leaves = {id(fn.variable) for fn, _ in out.grad_fn.next_functions if fn is not None}
+    assert leaves == {id(x)} | {id(p) for p in m.parameters()}
+
+
+def test_eager_entry_rejects_wrong_argument_types():
+    """rnn_ext._C.rnn (the eager entry behind rnn_ext.ops.rnn) raises TypeError, never crashes,
+    on arguments of the wrong type."""
+    from rnn_ext import _C
+
+    m = rnn_ext.RNN(3, 4, num_layers=2)
+    x, h = torch.randn(5, 2, 3), torch.zeros(2, 2, 4)
+    w = list(m._flat_weights)
+    good = (x, h, w, None, True, 2, False, False, 0.0, False)
+    assert _C.rnn(*good)[0].shape == (5, 2, 4)
+    for i, bad in ((0, "x"), (1, None), (2, 5), (2, [w[0], "w"]), (3, [1, 2]), (4, 1), (6, None),
+                   (9, 0)):
+        args = list(good)
+        args[i] = bad
+        with pytest.raises(TypeError):
+            _C.rnn(*args)
+    with pytest.raises(TypeError):
+        _C.rnn(*good[:9])
+    with pytest.raises(TypeError):
+        _C.rnn(x, h, w, None, True, "2", False, False, 0.0, False)
