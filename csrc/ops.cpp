@@ -1,5 +1,7 @@
 // Registers the extension's operators: schemas in TORCH_LIBRARY, one TORCH_LIBRARY_IMPL per
-// backend.  Autograd and the fake (meta) kernels are registered from Python (rnn_ext/ops.py).
+// backend.  The fake (meta) kernels and the autograd that torch.compile/export trace are
+// registered from Python (rnn_ext/ops.py); eager calls get their autograd node from
+// csrc/autograd.cpp.
 #include <torch/library.h>
 
 #include <cstdlib>

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 #include <pybind11/pybind11.h>
 
 #include "autograd.h"
@@ -44,20 +45,15 @@ PyObject* py_rnn(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   }
   const at::Tensor& input = tensor_arg(args[0], "input");
   const at::Tensor& hx = tensor_arg(args[1], "hx");
-  PyObject* seq = PySequence_Fast(args[2], "rnn_ext._C.rnn: weights must be a sequence");
-  if (seq == nullptr) return nullptr;
-  const Py_ssize_t nw = PySequence_Fast_GET_SIZE(seq);
+  const THPObjectPtr seq(
+      PySequence_Fast(args[2], "rnn_ext._C.rnn: weights must be a sequence"));
+  if (!seq) return nullptr;
+  const Py_ssize_t nw = PySequence_Fast_GET_SIZE(seq.get());
   std::vector<at::Tensor> weights;
   weights.reserve(nw);
-  try {
-    for (Py_ssize_t i = 0; i < nw; ++i) {
-      weights.push_back(tensor_arg(PySequence_Fast_GET_ITEM(seq, i), "every weight"));
-    }
-  } catch (...) {
-    Py_DECREF(seq);
-    throw;
+  for (Py_ssize_t i = 0; i < nw; ++i) {
+    weights.push_back(tensor_arg(PySequence_Fast_GET_ITEM(seq.get(), i), "every weight"));
   }
-  Py_DECREF(seq);
   std::optional<at::Tensor> batch_sizes;
   if (args[3] != Py_None) batch_sizes = tensor_arg(args[3], "batch_sizes");
   const bool has_biases = bool_arg(args[4], "has_biases");

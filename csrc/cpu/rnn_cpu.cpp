@@ -181,6 +181,24 @@ struct RowShare {
   RowShare(int64_t B, int64_t k, int64_t n) : r0(B * k / n), r1(B * (k + 1) / n) {}
 };
 
+// A float32 recurrence with a packed W_hh on the team team_kind() picks: each member runs
+// on_rows(its RowShare) or on_columns(its Share).  False (nothing run) when no team applies.
+template <typename OnRows, typename OnColumns>
+bool run_on_team(const Geometry& g, const float* panel, const OnRows& on_rows,
+                 const OnColumns& on_columns) {
+  switch (panel == nullptr ? Team::kNone : team_kind(g)) {
+    case Team::kRows:
+      run_team([&](int64_t k, int64_t n) { on_rows(RowShare(g.B, k, n)); });
+      return true;
+    case Team::kColumns:
+      run_team([&](int64_t k, int64_t n) { on_columns(Share(g.H, k, n)); });
+      return true;
+    case Team::kNone:
+      break;
+  }
+  return false;
+}
+
 // z (rows x H, row stride ld) = act(z + a W_hh^T), a: (rows x H) with row stride lda.
 template <typename T>
 void step_forward(const Geometry& g, const Cell<T>& c, const T* a, int64_t lda, int64_t rows,
@@ -231,21 +249,17 @@ void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, 
   const int64_t H = g.H, ld = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
     const auto act = g.relu ? cpu::StepAct::kRelu : cpu::StepAct::kTanh;
-    switch (c.panel == nullptr ? Team::kNone : team_kind(g)) {
-      case Team::kRows:
-        run_team([&](int64_t k, int64_t n) {
-          const RowShare rs(g.B, k, n);
+    const bool on_team = run_on_team(
+        g, c.panel,
+        [&](const RowShare& rs) {
           walk_forward<float>(
               g, d, h0, out, i0, i1, rs.r0, rs.r1,
               [&](const float* a, int64_t lda, int64_t rows, float* z) {
                 cpu::step_gemm(rows, H, H, a, lda, c.panel, z, ld, true, act);
               },
               [] {});
-        });
-        return;
-      case Team::kColumns:
-        run_team([&](int64_t k, int64_t n) {
-          const Share sh(H, k, n);
+        },
+        [&](const Share& sh) {
           walk_forward<float>(
               g, d, h0, out, i0, i1, 0, g.B,
               [&](const float* a, int64_t lda, int64_t rows, float* z) {
@@ -254,10 +268,7 @@ void recur(const Geometry& g, int64_t d, const Cell<T>& c, const T* h0, T* out, 
               },
               [] { barrier(); });
         });
-        return;
-      case Team::kNone:
-        break;
-    }
+    if (on_team) return;
   }
   walk_forward<T>(
       g, d, h0, out, i0, i1, 0, g.B,
@@ -505,21 +516,17 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
           T* dh, int64_t i0, int64_t i1) {
   const int64_t H = g.H, DH = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
-    switch (c.panel == nullptr ? Team::kNone : team_kind(g)) {
-      case Team::kRows:
-        run_team([&](int64_t k, int64_t n) {
-          const RowShare rs(g.B, k, n);
+    const bool on_team = run_on_team(
+        g, c.panel,
+        [&](const RowShare& rs) {
           walk_backward<float>(
               g, d, h_out, dy, dz, dh, i0, i1, rs.r0, rs.r1, 0, H, [] {},
               [&](int64_t o, int64_t lo, int64_t hi) {
                 cpu::step_gemm(hi - lo, H, H, dz + (o + lo) * DH, DH, c.panel, dh + lo * H, H,
                                false, cpu::StepAct::kNone);
               });
-        });
-        return;
-      case Team::kColumns:
-        run_team([&](int64_t k, int64_t n) {
-          const Share sh(H, k, n);
+        },
+        [&](const Share& sh) {
           walk_backward<float>(
               g, d, h_out, dy, dz, dh, i0, i1, 0, g.B, sh.c0, sh.c1, [] { barrier(); },
               [&](int64_t o, int64_t lo, int64_t hi) {
@@ -527,10 +534,7 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
                                       c.panel, dh + lo * H, H, false, cpu::StepAct::kNone);
               });
         });
-        return;
-      case Team::kNone:
-        break;
-    }
+    if (on_team) return;
   }
   walk_backward<T>(g, d, h_out, dy, dz, dh, i0, i1, 0, g.B, 0, H, [] {},
                    [&](int64_t o, int64_t lo, int64_t hi) {
