@@ -10,9 +10,10 @@
 #   1. environment: nvidia-smi, python, torch, CUDA, cuDNN, nvcc          -> OUTDIR/env.txt
 #   2. build (RNN_EXT_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = the card's)   -> OUTDIR/build.log
 #   3. pytest -m cuda tests/test_cuda.py                                 -> OUTDIR/cuda_tests.{log,xml}
-#   3b. the persistent kernel (issue 5): tests/test_cuda_persistent.py (plan + barrier cost
-#      printed), then the benchmark with RNN_EXT_CUDA_KERNEL=persistent and =step (rnn_ext and
-#      cuDNN) on issue 5's subset, memcheck + racecheck on one persistent test
+#   3b. the persistent kernels (issue 5): tests/test_cuda_persistent.py (plans + barrier cost
+#      printed), then the benchmark with RNN_EXT_CUDA_KERNEL=persistent (rnn_ext and cuDNN,
+#      issue 5's grid, forward and training) and =step (forward), memcheck + racecheck on a
+#      persistent parity test (forward + backward) and a wavefront test
 #                                                   -> OUTDIR/persistent_*.{log,xml,json}
 #   4. a short benchmark against cuDNN (bench/bench.py, or an inline fallback) -> OUTDIR/bench*
 #   5. compute-sanitizer memcheck, racecheck, initcheck on small cuda tests-> OUTDIR/sanitizer_*.log
@@ -164,15 +165,19 @@ SAN=$(command -v compute-sanitizer || true)
   && SAN="$CUDA_HOME/bin/compute-sanitizer"
 [ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if [ "${RC[build]}" = 0 ]; then
-  run_stage persistent_tests 75 "$OUT/persistent_tests.log" \
+  run_stage persistent_tests 120 "$OUT/persistent_tests.log" \
     "$PY" -m pytest tests/test_cuda_persistent.py -q -rs -s -p no:cacheprovider \
     --junitxml="$OUT/persistent_tests.xml"
-  # issue 5's subset: T=512, L=2, I=H, B in {1,8,32}, H in {256,1024}, fp32 and bf16, forward
-  PGRID="512,1,256,256,2;512,8,256,256,2;512,32,256,256,2;512,1,1024,1024,2;512,8,1024,1024,2;512,32,1024,1024,2"
-  run_stage persistent_bench 60 "$OUT/persistent_bench.log" \
+  # issue 5's grid: T=512, L=2, I=H, B in {1,8,32,128}, H in {256,512,1024}, fp32 and bf16,
+  # forward and training; rnn_ext (persistent: wavefront forward, persistent backward) and
+  # cuDNN in the same process -> persistent_fwd.json, persistent_fwd.cudnn.json (issue 5's
+  # format); then the step path's forward alone, for bench/NOTES.md's variant table.
+  PGRID=""
+  for H in 256 512 1024; do for B in 1 8 32 128; do PGRID="$PGRID${PGRID:+;}512,$B,$H,$H,2"; done; done
+  run_stage persistent_bench 120 "$OUT/persistent_bench.log" \
     env RNN_EXT_CUDA_KERNEL=persistent "$PY" bench/bench.py --device cuda --grid "$PGRID" \
-    --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext,torch --repeats 5 --warmup 2 \
-    --min-sample-ms 5 --out "$OUT" --name persistent_fwd --no-plots --no-progress
+    --dtypes float32,bfloat16 --modes fwd,train --contenders rnn_ext,torch --repeats 5 \
+    --warmup 2 --min-sample-ms 5 --out "$OUT" --name persistent_fwd --no-plots --no-progress
   run_stage step_bench 40 "$OUT/step_bench.log" \
     env RNN_EXT_CUDA_KERNEL=step "$PY" bench/bench.py --device cuda --grid "$PGRID" \
     --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext --repeats 5 --warmup 2 \
@@ -181,11 +186,11 @@ if [ "${RC[build]}" = 0 ]; then
     run_stage persistent_memcheck 30 "$OUT/persistent_memcheck.log" \
       "$SAN" --tool memcheck --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_persistent.py \
-      -k "test_persistent_parity and float32 and B8-H64-bi-L2-tanh"
+      -k "(test_persistent_parity and float32 and B8-H64-bi-L2-tanh) or (test_wavefront_matches and float32 and 1-64-3-True)"
     run_stage persistent_racecheck 30 "$OUT/persistent_racecheck.log" \
       "$SAN" --tool racecheck --error-exitcode 99 --target-processes all \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_persistent.py \
-      -k "test_persistent_parity and float32 and B8-H64-bi-L1-tanh"
+      -k "(test_persistent_parity and float32 and B8-H64-bi-L1-tanh) or (test_wavefront_matches and float32 and 1-64-3-True)"
   fi
 fi
 

@@ -195,35 +195,149 @@ std::atomic<int>& kernel_mode_state() {
 
 std::atomic<int> last_kernel_used{static_cast<int>(KernelUsed::kNone)};
 
-// Runs the recurrence of both directions of one layer with the persistent kernel when the
-// switch asks for it and it is feasible; false (nothing enqueued) otherwise.  The layer output
-// must already hold the projections.  Uniform batch only (dense, or packed with equal lengths).
-bool try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& w,
-                            int64_t l, const at::Tensor& h0, at::Tensor& layer_out,
-                            cudaStream_t stream) {
+std::atomic<int> last_backward_kernel_used{static_cast<int>(KernelUsed::kNone)};
+std::atomic<int> last_wavefront_layers{0};
+
+// Most layers of a unidirectional stack one persistent forward launch runs as a wavefront
+// (1 = one launch per layer).  RNN_EXT_CUDA_WAVEFRONT sets the initial value.
+std::atomic<int>& wavefront_max_state() {
+  static std::atomic<int> v{[] {
+    const char* env = std::getenv("RNN_EXT_CUDA_WAVEFRONT");
+    if (env == nullptr || *env == '\0') return gpu::kMaxPersistentCells;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (*end != '\0' || n < 1 || n > gpu::kMaxPersistentCells) {
+      TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_WAVEFRONT=", env, " (expected 1 .. ",
+                 gpu::kMaxPersistentCells, ")");
+      return gpu::kMaxPersistentCells;
+    }
+    return static_cast<int>(n);
+  }()};
+  return v;
+}
+
+KernelUsed used_of(int bits) {
+  return bits == 0   ? KernelUsed::kNone
+         : bits == 1 ? KernelUsed::kStep
+         : bits == 2 ? KernelUsed::kPersistent
+                     : KernelUsed::kMixed;
+}
+
+// Whether the switch lets the persistent kernels run for this call at all: not "step", batch
+// within "auto"'s limit, a dtype they have, and a uniform batch (dense, or packed with equal
+// lengths).
+bool persistent_wanted(const Geometry& g, at::ScalarType st) {
   const auto mode = static_cast<KernelMode>(kernel_mode_state().load());
-  if (mode == KernelMode::kStep) return false;
+  if (mode == KernelMode::kStep || g.N == 0 || st == at::kDouble) return false;
   if (mode == KernelMode::kAuto && g.B > kAutoMaxBatch) return false;
   for (int64_t t = 0; t < g.T; ++t) {
     if (g.batch[t] != g.B || g.offset[t] != t * g.B) return false;
   }
-  const int64_t pc = g.weights_per_cell(), es = layer_out.element_size();
+  return true;
+}
+
+// The cell table of a persistent forward launch from layer l: n == 1, both directions of
+// layer l (delay 0, the second reversed); n > 1, layers l .. l+n-1 of a unidirectional stack as
+// a wavefront (cell k = layer l+k, delay k, projecting its input from layer l+k-1's output
+// when k > 0).  Every cell writes h_n of its layer.
+template <typename OutOf>
+gpu::PersistentForward forward_cells(const Geometry& g, const std::vector<at::Tensor>& w,
+                                     int64_t l, int64_t n, const at::Tensor& h0, at::Tensor& hy,
+                                     OutOf&& out_of) {
+  const int64_t pc = g.weights_per_cell();
   gpu::PersistentForward a;
   a.T = g.T;
   a.B = g.B;
   a.H = g.H;
-  a.ld = g.D * g.H;
-  a.D = static_cast<int>(g.D);
   a.relu = g.relu;
+  const int64_t cells = n == 1 ? g.D : n;
+  a.cells = static_cast<int>(cells);
+  for (int64_t k = 0; k < cells; ++k) {
+    const int64_t m = n == 1 ? l : l + k;           // layer
+    const int64_t d = n == 1 ? k : 0;               // direction
+    const int64_t base = (m * g.D + d) * pc;
+    const at::Tensor out = out_of(m);
+    gpu::PersistentCell& c = a.cell[k];
+    if (n > 1 && k > 0) {
+      c.w_ih = w[base].const_data_ptr();
+      c.b_ih = g.has_biases ? w[base + 2].const_data_ptr() : nullptr;
+      c.x = out_of(m - 1).const_data_ptr();
+      c.K_in = g.H;
+      c.ld_x = g.H;
+    }
+    c.w_hh = w[base + 1].const_data_ptr();
+    c.b_hh = g.has_biases ? w[base + 3].const_data_ptr() : nullptr;
+    c.h0 = h0[m * g.D + d].const_data_ptr();
+    c.out = advance(out.data_ptr(), d * g.H, out.element_size());
+    c.ld = g.D * g.H;
+    c.hn = hy[m * g.D + d].data_ptr();
+    c.reverse = d == 1;
+    c.delay = n == 1 ? 0 : static_cast<int>(k);
+  }
+  return a;
+}
+
+// Runs the forward recurrence from layer l on with the persistent kernel, where feasible:
+//   - a unidirectional stack without dropout: layers l .. l+n-1 in one wavefront launch, n as
+//     large as the switch (wavefront_max_state), the cell table and co-residency allow; layer l
+//     reads its projection from its output buffer (computed by the caller), layers above
+//     project their input inside the kernel;
+//   - otherwise layer l alone, both directions in one launch.
+// h_n of every layer it ran is written by the kernel.  Returns the number of layers run (0:
+// nothing enqueued, the caller runs the step path for layer l).  out_of(m) is layer m's output
+// buffer (N, D*H).
+template <typename OutOf>
+int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& w,
+                               int64_t l, const at::Tensor& h0, at::Tensor& hy, bool use_dropout,
+                               OutOf&& out_of, cudaStream_t stream) {
+  int64_t n = 1;
+  if (g.D == 1 && !use_dropout) {
+    n = std::min<int64_t>(g.L - l, wavefront_max_state().load());
+    if (n > 1) {
+      gpu::PersistentPlan plan;  // co-residency of the projecting cells' shared memory
+      C10_CUDA_CHECK(gpu::persistent_plan(dt, g.H, 1, g.H, false, &plan));
+      const int64_t bpc = (g.H + 7) / 8;
+      n = plan.status == gpu::PersistentStatus::kLaunched ||
+                  plan.status == gpu::PersistentStatus::kCoResidency
+              ? std::max<int64_t>(1, std::min<int64_t>(n, plan.max_coresident / bpc))
+              : 1;
+    }
+  }
+  for (;;) {
+    gpu::PersistentForward a = forward_cells(g, w, l, n, h0, hy, out_of);
+    gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
+    C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status));
+    if (status == gpu::PersistentStatus::kLaunched) return n;
+    if (n == 1) return 0;
+    n = 1;  // e.g. an unaligned weight of an upper layer: layer l on its own
+  }
+}
+
+// Backpropagation through time of layer l, both directions in one persistent launch, where
+// feasible: dZ (this layer's columns) receives dz of every step, dh (D, B, H) fp32 holds d h_n
+// on entry and d h0 on exit.  wt[d] = W_hh^T of direction d.  False: nothing enqueued.
+bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& wt,
+                             const at::Tensor& layer_out, const at::Tensor& dY, at::Tensor& dZ,
+                             at::Tensor& dh, cudaStream_t stream) {
+  const int64_t es = layer_out.element_size();
+  gpu::PersistentBackward a;
+  a.T = g.T;
+  a.B = g.B;
+  a.H = g.H;
+  a.ld = g.D * g.H;
+  a.relu = g.relu;
+  a.cells = static_cast<int>(g.D);
   for (int64_t d = 0; d < g.D; ++d) {
-    const int64_t base = (l * g.D + d) * pc;
-    a.dir[d].w_hh = w[base + 1].const_data_ptr();
-    a.dir[d].b_hh = g.has_biases ? w[base + 3].const_data_ptr() : nullptr;
-    a.dir[d].h0 = h0[l * g.D + d].const_data_ptr();
-    a.dir[d].out = advance(layer_out.data_ptr(), d * g.H, es);
+    gpu::PersistentBackwardCell& c = a.cell[d];
+    c.wt_hh = wt[d].const_data_ptr();
+    c.h = advance(layer_out.const_data_ptr(), d * g.H, es);
+    c.dy = dY.defined() ? advance(dY.const_data_ptr(), d * g.H, es) : nullptr;
+    c.dz = advance(dZ.data_ptr(), d * g.H, es);
+    c.dh = dh[d].data_ptr<float>();
+    c.reverse = d == 1;
   }
   gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
-  C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status));
+  C10_CUDA_CHECK(gpu::persistent_backward(dt, a, stream, &status));
   return status == gpu::PersistentStatus::kLaunched;
 }
 
@@ -237,8 +351,9 @@ std::string set_cuda_kernel_mode(const std::string& name) {
   return kernel_mode_name(static_cast<KernelMode>(prev));
 }
 
-std::string last_cuda_kernel_used() {
-  switch (static_cast<KernelUsed>(last_kernel_used.load())) {
+namespace {
+std::string used_name(int used) {
+  switch (static_cast<KernelUsed>(used)) {
     case KernelUsed::kStep:
       return "step";
     case KernelUsed::kPersistent:
@@ -250,6 +365,23 @@ std::string last_cuda_kernel_used() {
   }
   return "none";
 }
+}  // namespace
+
+std::string last_cuda_kernel_used(const std::string& phase) {
+  TORCH_CHECK(phase == "forward" || phase == "backward",
+              "rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', got '", phase, "'");
+  return used_name(phase == "forward" ? last_kernel_used.load()
+                                      : last_backward_kernel_used.load());
+}
+
+int64_t set_cuda_wavefront_max(int64_t layers) {
+  TORCH_CHECK(layers >= 1 && layers <= gpu::kMaxPersistentCells,
+              "rnn_ext.set_cuda_wavefront: layers must be in 1 .. ", gpu::kMaxPersistentCells,
+              ", got ", layers);
+  return wavefront_max_state().exchange(static_cast<int>(layers));
+}
+
+int64_t last_cuda_wavefront_layers() { return last_wavefront_layers.load(); }
 
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights,
@@ -277,19 +409,23 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
   at::Tensor ws = need_grad ? at::empty({g.L - 1, g.N, DH}, opts) : at::empty({0}, opts);
   at::Tensor noise = (need_grad && use_dropout) ? at::empty({g.L - 1, g.N, DH}, opts)
                                                 : at::empty({0}, opts);
-  at::Tensor scratch[2];  // layer outputs when nothing is saved
+  // Layer m's output: the module output for the last layer, the saved workspace when backward
+  // will need it, else one of two scratch buffers (layers of equal parity share one: in a
+  // wavefront, layer m+2 writes row t at super-step t+m+2, after layer m's last use of it at
+  // t+m+1 -- layer m+1 reading it -- and the kernel writes h_n itself).
+  at::Tensor scratch[2];
+  auto out_of = [&](int64_t m) -> at::Tensor {
+    if (m == g.L - 1) return output.view({g.N, DH});
+    if (need_grad) return ws[m];
+    if (!scratch[m % 2].defined()) scratch[m % 2] = at::empty({g.N, DH}, opts);
+    return scratch[m % 2];
+  };
+  const bool persistent_ok = persistent_wanted(g, input.scalar_type());
   at::Tensor layer_in = x;
   int used = 0;  // bit 0: a step-path recurrence ran, bit 1: a persistent one
-  for (int64_t l = 0; l < g.L; ++l) {
-    at::Tensor layer_out;
-    if (l == g.L - 1) {
-      layer_out = output.view({g.N, DH});
-    } else if (need_grad) {
-      layer_out = ws[l];
-    } else {
-      if (!scratch[l % 2].defined()) scratch[l % 2] = at::empty({g.N, DH}, opts);
-      layer_out = scratch[l % 2];
-    }
+  int64_t deepest = 0;
+  for (int64_t l = 0; l < g.L;) {
+    at::Tensor layer_out = out_of(l);
     // 1. projection of every step, b_ih folded in (b_hh is added by the recurrence kernels),
     //    into each direction's columns of the layer output (row stride D*H).
     for (int64_t d = 0; d < g.D; ++d) {
@@ -301,52 +437,60 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
         at::mm_out(out_d, layer_in, w[base].t());
       }
     }
-    // 2. recurrence: both directions in one persistent launch where selected and feasible,
-    //    else one fused kernel per step and direction.
-    const bool persistent =
-        g.N > 0 && try_persistent_forward(g, dt, w, l, h0, layer_out, stream);
-    if (g.N > 0) used |= persistent ? 2 : 1;
-    for (int64_t d = 0; d < g.D; ++d) {
-      const int64_t base = (l * g.D + d) * pc;
-      void* out_p = advance(layer_out.data_ptr(), d * H, es);
-      const void* h0_p = h0[l * g.D + d].data_ptr();  // (B, H) contiguous
-      const void* whh = w[base + 1].data_ptr();
-      const void* bhh = g.has_biases ? w[base + 3].data_ptr() : nullptr;
-      for (int64_t i = 0; i < g.T && !persistent; ++i) {
-        const int64_t t = step_at(g, d, i);
-        const int64_t rows = g.batch[t];
-        if (rows == 0) continue;
-        int64_t cont = 0;
-        const void* prev = nullptr;
-        if (i > 0) {
-          // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows
-          // rows continue; the others start here from h0.
-          const int64_t tp = step_at(g, d, i - 1);
-          cont = std::min(rows, g.batch[tp]);
-          prev = advance(static_cast<const void*>(out_p), g.offset[tp] * DH, es);
+    // 2. recurrence: persistent (layers l .. l+n-1, or both directions of layer l, h_n
+    //    written by the kernel) where selected and feasible, else one fused kernel per step
+    //    and direction and a gather of h_n.
+    int64_t n = persistent_ok
+                    ? try_persistent_forward(g, dt, w, l, h0, hy, use_dropout, out_of, stream)
+                    : 0;
+    if (n > 0) {
+      used |= 2;
+      deepest = std::max(deepest, n);
+    } else {
+      n = 1;
+      if (g.N > 0) used |= 1;
+      for (int64_t d = 0; d < g.D; ++d) {
+        const int64_t base = (l * g.D + d) * pc;
+        void* out_p = advance(layer_out.data_ptr(), d * H, es);
+        const void* h0_p = h0[l * g.D + d].data_ptr();  // (B, H) contiguous
+        const void* whh = w[base + 1].data_ptr();
+        const void* bhh = g.has_biases ? w[base + 3].data_ptr() : nullptr;
+        for (int64_t i = 0; i < g.T; ++i) {
+          const int64_t t = step_at(g, d, i);
+          const int64_t rows = g.batch[t];
+          if (rows == 0) continue;
+          int64_t cont = 0;
+          const void* prev = nullptr;
+          if (i > 0) {
+            // Forward: batch[tp] >= rows, all rows continue.  Reverse: only batch[tp] <= rows
+            // rows continue; the others start here from h0.
+            const int64_t tp = step_at(g, d, i - 1);
+            cont = std::min(rows, g.batch[tp]);
+            prev = advance(static_cast<const void*>(out_p), g.offset[tp] * DH, es);
+          }
+          check_launch(gpu::forward_step(dt, whh, bhh, prev, DH, cont, h0_p, H,
+                                         advance(out_p, g.offset[t] * DH, es), DH, rows, H,
+                                         relu, stream),
+                       "forward step");
         }
-        check_launch(gpu::forward_step(dt, whh, bhh, prev, DH, cont, h0_p, H,
-                                       advance(out_p, g.offset[t] * DH, es), DH, rows, H, relu,
-                                       stream),
-                     "forward step");
+        // 3. h_n of this direction.
+        gather(dt, final_segments(g, d), out_p, DH, h0_p, H, hy[l * g.D + d].data_ptr(), H, H,
+               stream);
       }
-      // 3. h_n of this direction.
-      gather(dt, final_segments(g, d), out_p, DH, h0_p, H, hy[l * g.D + d].data_ptr(), H, H,
-             stream);
     }
-    if (l < g.L - 1) {
-      layer_in = layer_out;
-      if (use_dropout) {
+    l += n;
+    if (l < g.L) {
+      layer_in = out_of(l - 1);
+      if (use_dropout) {  // n == 1 here: no wavefront with dropout
         at::Tensor nz = dropout_noise(layer_in, dropout);
-        if (need_grad) noise[l].copy_(nz);
+        if (need_grad) noise[l - 1].copy_(nz);
         layer_in = layer_in * nz;
       }
     }
   }
   if (used != 0) {
-    last_kernel_used.store(static_cast<int>(used == 1   ? KernelUsed::kStep
-                                            : used == 2 ? KernelUsed::kPersistent
-                                                        : KernelUsed::kMixed));
+    last_kernel_used.store(static_cast<int>(used_of(used)));
+    last_wavefront_layers.store(static_cast<int>(deepest));
   }
   return {output, hy, ws, noise};
 }
@@ -392,9 +536,12 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   // dY: gradient w.r.t. the current layer's output (N, D*H); undefined = zero.
   at::Tensor dY = has_go ? grad_output->to(st).contiguous().view({g.N, DH}) : at::Tensor();
   at::Tensor dZ = at::empty({g.N, DH}, opts);
-  at::Tensor dh = at::empty({g.B, H}, opts.dtype(acc_dtype(st)));  // fp32 for half/bf16
+  // d h per direction, in the accumulation dtype (fp32 for half/bf16)
+  at::Tensor dh = at::empty({g.D, g.B, H}, opts.dtype(acc_dtype(st)));
   at::Tensor prev = need_w ? at::empty({g.N, H}, opts) : at::Tensor();
   at::Tensor grad_input;
+  const bool persistent_ok = persistent_wanted(g, st);
+  int used = 0;  // bit 0: a step-path BPTT ran, bit 1: a persistent one
 
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const at::Tensor layer_out = l == g.L - 1 ? out_top : ws[l];
@@ -403,22 +550,27 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
       layer_in = ws[l - 1];
       if (noise.numel() > 0) layer_in = layer_in * noise[l - 1];
     }
+    std::vector<at::Tensor> wt(g.D);  // W_hh^T per direction: dh = dz W_hh
+    for (int64_t d = 0; d < g.D; ++d) wt[d] = w[(l * g.D + d) * pc + 1].t().contiguous();
+    if (has_ghy) {
+      dh.copy_(ghy.narrow(0, l * g.D, g.D));
+    } else {
+      dh.zero_();
+    }
+    // Both directions in one persistent launch where selected and feasible, else one fused
+    // kernel per step and direction.
+    const bool persistent =
+        persistent_ok && try_persistent_backward(g, dt, wt, layer_out, dY, dZ, dh, stream);
+    used |= persistent ? 2 : (g.N > 0 ? 1 : 0);
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t base = (l * g.D + d) * pc;
-      const at::Tensor wt_hh = w[base + 1].t().contiguous();  // W_hh^T: dh = dz W_hh
-      const void* wt = wt_hh.data_ptr();
       const void* h_out = advance(layer_out.const_data_ptr(), d * H, es);
       const void* dy = dY.defined() ? advance(dY.const_data_ptr(), d * H, es) : nullptr;
       void* dz = advance(dZ.data_ptr(), d * H, es);
       const void* h0_p = h0[l * g.D + d].const_data_ptr();
-      if (has_ghy) {
-        dh.copy_(ghy[l * g.D + d]);
-      } else {
-        dh.zero_();
-      }
       // Processing index i runs T-1 .. 0; the kernel for i does dh = dz_i W_hh and the
       // pointwise part of i-1.  The first call (rows_in = 0) does the pointwise part of T-1.
-      for (int64_t i = g.T; i >= 0; --i) {
+      for (int64_t i = g.T; i >= 0 && !persistent; --i) {
         const int64_t rows_in = i < g.T ? g.batch[step_at(g, d, i)] : 0;
         const void* dz_in =
             i < g.T ? advance(static_cast<const void*>(dz), g.offset[step_at(g, d, i)] * DH, es)
@@ -436,11 +588,12 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
           dz_next = advance(dz, o, es);
         }
         if (std::max(rows_in, rows_next) == 0) continue;
-        check_launch(gpu::backward_step(dt, wt, dz_in, rows_in, dh.data_ptr(), dy_next, h_next,
-                                        dz_next, rows_next, DH, H, relu, stream),
+        check_launch(gpu::backward_step(dt, wt[d].const_data_ptr(), dz_in, rows_in,
+                                        dh[d].data_ptr(), dy_next, h_next, dz_next, rows_next,
+                                        DH, H, relu, stream),
                      "backward step");
       }
-      if (need_hx) grad_hx[l * g.D + d].copy_(dh);
+      if (need_hx) grad_hx[l * g.D + d].copy_(dh[d]);
       if (need_w) {
         // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = sum over rows of dZ
         const at::Tensor dZd = dZ.narrow(1, d * H, H);
@@ -463,21 +616,28 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
       grad_input = dX.view(input.sizes());
     }
   }
+  if (used != 0) last_backward_kernel_used.store(static_cast<int>(used_of(used)));
   if (!grad_input.defined()) grad_input = at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};
 }
 
 namespace {
 
-// Diagnostics of the persistent kernel for tests and bench/NOTES.md (CUDA builds only):
-//   _cuda_persistent_plan(dtype, H, D) -> [blocks, threads, smem_bytes, max_coresident,
-//                                          registers, status (0 = feasible)]  on the current device
+// Diagnostics of the persistent kernels for tests and bench/NOTES.md (CUDA builds only):
+//   _cuda_persistent_plan(dtype, H, cells, K_in=0, backward=False)
+//       -> [blocks, threads, smem_bytes, max_coresident, registers, status (0 = feasible)]
+//          on the current device (cells: directions, or layers of a wavefront; K_in: the
+//          widest in-kernel projection, H for a wavefront of more than one layer)
 //   _cuda_grid_barrier_us(blocks, steps) -> microseconds per grid.sync() of `blocks` blocks
 //                                           (synchronises; not for use inside a model)
-std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64_t D) {
-  TORCH_CHECK(D == 1 || D == 2, "rnn_ext: D must be 1 or 2");
+std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64_t cells,
+                                          int64_t K_in, bool backward) {
+  TORCH_CHECK(cells >= 1 && cells <= (backward ? 2 : gpu::kMaxPersistentCells),
+              "rnn_ext: cells must be in 1 .. ", backward ? 2 : gpu::kMaxPersistentCells);
+  TORCH_CHECK(H > 0 && K_in >= 0, "rnn_ext: H must be positive and K_in non-negative");
   gpu::PersistentPlan plan;
-  C10_CUDA_CHECK(gpu::persistent_forward_plan(kernel_dtype(dtype), H, static_cast<int>(D), &plan));
+  C10_CUDA_CHECK(gpu::persistent_plan(kernel_dtype(dtype), H, static_cast<int>(cells), K_in,
+                                      backward, &plan));
   return {plan.blocks, plan.threads, plan.smem_bytes, plan.max_coresident, plan.registers,
           static_cast<int64_t>(plan.status)};
 }
@@ -494,7 +654,9 @@ double cuda_grid_barrier_us(int64_t blocks, int64_t steps) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
-  m.def("_cuda_persistent_plan(ScalarType dtype, int H, int D) -> int[]", &cuda_persistent_plan);
+  m.def("_cuda_persistent_plan(ScalarType dtype, int H, int cells, int K_in=0, "
+        "bool backward=False) -> int[]",
+        &cuda_persistent_plan);
   m.def("_cuda_grid_barrier_us(int blocks, int steps) -> float", &cuda_grid_barrier_us);
 }
 

@@ -10,24 +10,37 @@
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "rnn_ext.h"
+#ifdef RNN_EXT_WITH_CUDA
+#include "cuda/rnn_persistent.h"
+#endif
 
 // (The Python module rnn_ext._C, whose import loads this library, is csrc/python.cpp.)
 
 namespace rnn_ext {
 
+// The most layers one persistent CUDA forward launch runs as a wavefront.
+constexpr int64_t kMaxWavefrontLayers = 8;
+
 #ifdef RNN_EXT_WITH_CUDA
-// The CUDA recurrence kernel switch (csrc/cuda_glue.cpp).
+static_assert(kMaxWavefrontLayers == gpu::kMaxPersistentCells, "one limit");
+// The CUDA recurrence kernel switches (csrc/cuda_glue.cpp).
 std::string set_cuda_kernel_mode(const std::string& name);
-std::string last_cuda_kernel_used();
+std::string last_cuda_kernel_used(const std::string& phase);
+int64_t set_cuda_wavefront_max(int64_t layers);
+int64_t last_cuda_wavefront_layers();
 #endif
 
 namespace {
-// set_cuda_kernel(name) -> the previous setting; cuda_kernel_used() -> what the last CUDA
-// forward's recurrence ran ("step", "persistent", "mixed", or "none" before any / without
-// CUDA).  A CPU-only build validates and keeps the setting, and always reports "none".
+// set_cuda_kernel(name) -> the previous setting; cuda_kernel_used(phase) -> what the last CUDA
+// forward's / backward's recurrence ran ("step", "persistent", "mixed", or "none" before any /
+// without CUDA); set_cuda_wavefront(layers) -> the previous most layers per persistent forward
+// launch; cuda_wavefront_layers() -> the deepest wavefront of the last CUDA forward (0: none
+// persistent).  A CPU-only build validates and keeps the settings, and reports "none" / 0.
 #ifdef RNN_EXT_WITH_CUDA
 std::string set_cuda_kernel(const std::string& name) { return set_cuda_kernel_mode(name); }
-std::string cuda_kernel_used() { return last_cuda_kernel_used(); }
+std::string cuda_kernel_used(const std::string& phase) { return last_cuda_kernel_used(phase); }
+int64_t set_cuda_wavefront(int64_t layers) { return set_cuda_wavefront_max(layers); }
+int64_t cuda_wavefront_layers() { return last_cuda_wavefront_layers(); }
 #else
 std::string set_cuda_kernel(const std::string& name) {
   static std::string current = [] {  // as the CUDA build: RNN_EXT_CUDA_KERNEL, else "step"
@@ -42,7 +55,25 @@ std::string set_cuda_kernel(const std::string& name) {
   current = name;
   return prev;
 }
-std::string cuda_kernel_used() { return "none"; }
+std::string cuda_kernel_used(const std::string& phase) {
+  TORCH_CHECK(phase == "forward" || phase == "backward",
+              "rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', got '", phase, "'");
+  return "none";
+}
+int64_t set_cuda_wavefront(int64_t layers) {
+  static int64_t current = [] {  // as the CUDA build: RNN_EXT_CUDA_WAVEFRONT, else 8
+    const char* env = std::getenv("RNN_EXT_CUDA_WAVEFRONT");
+    const int64_t v = env != nullptr ? std::atoll(env) : 0;
+    return v >= 1 && v <= kMaxWavefrontLayers ? v : kMaxWavefrontLayers;
+  }();
+  TORCH_CHECK(layers >= 1 && layers <= kMaxWavefrontLayers,
+              "rnn_ext.set_cuda_wavefront: layers must be in 1 .. ", kMaxWavefrontLayers, ", got ",
+              layers);
+  const int64_t prev = current;
+  current = layers;
+  return prev;
+}
+int64_t cuda_wavefront_layers() { return 0; }
 #endif
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
 // The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
@@ -88,7 +119,9 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
   m.def("set_cuda_kernel(str name) -> str", &set_cuda_kernel);
-  m.def("cuda_kernel_used() -> str", &cuda_kernel_used);
+  m.def("cuda_kernel_used(str phase=\"forward\") -> str", &cuda_kernel_used);
+  m.def("set_cuda_wavefront(int layers) -> int", &set_cuda_wavefront);
+  m.def("cuda_wavefront_layers() -> int", &cuda_wavefront_layers);
 }
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {

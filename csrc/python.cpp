@@ -142,7 +142,7 @@ PyMethodDef methods[] = {
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          rnn_ext::methods};
+                                          rnn_ext::methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

@@ -6,12 +6,14 @@
 """
 from . import ops, reference
 from .module import RNN, convert_rnns
-from .cuda import cuda_kernel_used, set_cuda_kernel  # CUDA recurrence kernel switch
+from .cuda import (  # CUDA recurrence kernel switches
+    cuda_kernel_used, cuda_wavefront_layers, set_cuda_kernel, set_cuda_wavefront,
+)
 
 __version__ = "0.1.0"
 __all__ = [
     "RNN", "convert_rnns", "reference", "ops", "backend_info", "set_cuda_kernel",
-    "cuda_kernel_used",
+    "cuda_kernel_used", "set_cuda_wavefront", "cuda_wavefront_layers",
 ]
 
 

@@ -1,20 +1,27 @@
-"""Which CUDA recurrence kernel rnn_ext's forward runs (issue 5).
+"""Which CUDA recurrence kernels rnn_ext runs (issue 5).
 
     rnn_ext.set_cuda_kernel("persistent")   # or "step" (the default) or "auto"
     out, h = rnn(x)                           # on CUDA
     rnn_ext.cuda_kernel_used()              # -> "persistent" if that forward ran it
+    out.sum().backward()
+    rnn_ext.cuda_kernel_used("backward")    # -> "persistent" if that backward ran it
 
 * ``"step"``: one fused kernel per time step (csrc/cuda/rnn_kernels.cu).  The default.
-* ``"persistent"``: one cooperative launch per layer (both directions), W_hh resident in shared
-  memory, a grid barrier per step (csrc/cuda/rnn_persistent.cu), wherever it is feasible
-  (float32/float16/bfloat16, uniform batch, H a multiple of 8, all blocks co-resident);
-  elsewhere the step path runs.
+* ``"persistent"``: the persistent kernels (csrc/cuda/rnn_persistent.cu), wherever feasible
+  (float32/float16/bfloat16, uniform batch, H a multiple of 16 / element size, 16-byte aligned
+  weights, all blocks co-resident); elsewhere the step path runs:
+    - forward: one cooperative launch runs both directions of a layer, or, for a
+      unidirectional stack without dropout, up to ``set_cuda_wavefront()`` layers as a
+      wavefront (layer l runs step t at super-step t + l; the upper layers project their input
+      inside the kernel);
+    - backward: one cooperative launch per layer runs backpropagation through time of both
+      directions (weight gradients stay large GEMMs).
+  Weights stay in shared memory for the whole sequence, one grid barrier per (super-)step.
 * ``"auto"``: as ``"persistent"`` but only for batch <= 128.
 
-The environment variable ``RNN_EXT_CUDA_KERNEL`` sets the initial value.  The switch is
-process-wide and only affects the forward recurrence on CUDA (backward uses the step kernels).
-On a build without CUDA the setting is validated and kept, and ``cuda_kernel_used()`` is
-``"none"``.
+The environment variables ``RNN_EXT_CUDA_KERNEL`` and ``RNN_EXT_CUDA_WAVEFRONT`` set the
+initial values.  The switches are process-wide.  On a build without CUDA the settings are
+validated and kept, ``cuda_kernel_used()`` is ``"none"`` and ``cuda_wavefront_layers()`` 0.
 """
 from __future__ import annotations
 
@@ -24,13 +31,18 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.rnn_ext.*)
 
-__all__ = ["KERNELS", "set_cuda_kernel", "cuda_kernel_used", "cuda_kernel"]
+__all__ = [
+    "KERNELS", "MAX_WAVEFRONT", "set_cuda_kernel", "cuda_kernel_used", "cuda_kernel",
+    "set_cuda_wavefront", "cuda_wavefront_layers",
+]
 
 KERNELS = ("auto", "step", "persistent")
+MAX_WAVEFRONT = 8  # layers per persistent forward launch (csrc: kMaxPersistentCells)
 
 
 def set_cuda_kernel(name: str) -> str:
-    """Selects the CUDA forward recurrence kernel; returns the previous setting."""
+    """Selects the CUDA recurrence kernels (forward and backward); returns the previous
+    setting."""
     if not isinstance(name, str) or name not in KERNELS:
         raise ValueError(
             f"rnn_ext.set_cuda_kernel: unknown kernel {name!r}; expected one of "
@@ -39,10 +51,30 @@ def set_cuda_kernel(name: str) -> str:
     return torch.ops.rnn_ext.set_cuda_kernel(name)
 
 
-def cuda_kernel_used() -> str:
-    """What the recurrence of the last forward on CUDA ran: "step", "persistent", "mixed"
-    (some layers each), or "none" (no CUDA forward yet, or a build without CUDA)."""
-    return torch.ops.rnn_ext.cuda_kernel_used()
+def cuda_kernel_used(phase: str = "forward") -> str:
+    """What the recurrence of the last forward (``phase="forward"``) or backward
+    (``"backward"``) on CUDA ran: "step", "persistent", "mixed" (some layers each), or "none"
+    (none yet, or a build without CUDA)."""
+    if phase not in ("forward", "backward"):
+        raise ValueError(f"rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', "
+                         f"got {phase!r}")
+    return torch.ops.rnn_ext.cuda_kernel_used(phase)
+
+
+def set_cuda_wavefront(layers: int) -> int:
+    """Most layers of a unidirectional stack that one persistent forward launch runs as a
+    wavefront (1 to MAX_WAVEFRONT; 1 = one launch per layer).  Returns the previous value.
+    Fewer run when not all their blocks fit on the GPU at once."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MAX_WAVEFRONT:
+        raise ValueError(f"rnn_ext.set_cuda_wavefront: layers must be an int in 1 .. "
+                         f"{MAX_WAVEFRONT}, got {layers!r}")
+    return torch.ops.rnn_ext.set_cuda_wavefront(layers)
+
+
+def cuda_wavefront_layers() -> int:
+    """The most layers one persistent launch ran in the last CUDA forward (0: no persistent
+    launch)."""
+    return torch.ops.rnn_ext.cuda_wavefront_layers()
 
 
 @contextlib.contextmanager

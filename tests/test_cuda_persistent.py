@@ -1,13 +1,18 @@
-"""The persistent forward kernel (issue 5; csrc/cuda/rnn_persistent.cu) and its switch.
+"""The persistent kernels (issue 5; csrc/cuda/rnn_persistent.cu) and their switches.
 
 * CPU-runnable: the switch ops exist in every build and validate their argument; a numpy
   simulation of the kernel's thread mapping (W slice layout, per-lane k ranges, accumulator
   layout, the warp reduce-scatter, the cross-warp sum, the epilogue, both directions, the step
   order and the in-place hazards) reproduces a reference RNN for many (B, H, D, vector width).
+* CPU-runnable too: a block-level simulation of the launch schedules (the glue's cell tables,
+  wavefront chunks and scratch buffers, the super-step loops, every read/write hazard) gives a
+  reference stack, and the persistent backward's recursion gives torch autograd's gradients.
 * ``cuda``-marked (skipped without a GPU and a CUDA build): with ``set_cuda_kernel("persistent")``,
-  parity with the step path and with cuDNN for fp32 / bf16 / fp16, B in {1, 8, 32},
-  H in {64, 256, 512, 1024}, uni / bi, L in {1, 2}, tanh / relu; ``cuda_kernel_used()`` reports
-  "persistent" where the kernel is feasible and "step" where it must fall back.
+  parity (forward and backward) with the step path and with cuDNN for fp32 / bf16 / fp16,
+  B in {1, 8, 32}, H in {64, 256, 512, 1024}, uni / bi, L in {1, 2}, tanh / relu; the layer
+  wavefront against per-layer launches and the step path (L up to 10, chunks); what
+  ``cuda_kernel_used()`` / ``cuda_wavefront_layers()`` report where the kernels are feasible and
+  where they must fall back.
 """
 from __future__ import annotations
 
@@ -87,6 +92,33 @@ def test_switch_rejects_unknown_names(bad, restore_kernel):
 def test_switch_rejects_non_strings():
     with pytest.raises(ValueError):
         rnn_ext.set_cuda_kernel(1)  # type: ignore[arg-type]
+
+
+def test_kernel_used_phases():
+    assert rnn_ext.cuda_kernel_used("forward") in ("none", "step", "persistent", "mixed")
+    assert rnn_ext.cuda_kernel_used("backward") in ("none", "step", "persistent", "mixed")
+    with pytest.raises(ValueError, match="phase"):
+        rnn_ext.cuda_kernel_used("both")
+    with pytest.raises(RuntimeError, match="phase must be"):
+        torch.ops.rnn_ext.cuda_kernel_used("both")
+    if not rnn_ext.backend_info()["cuda"]:
+        assert rnn_ext.cuda_kernel_used("backward") == "none"
+        assert rnn_ext.cuda_wavefront_layers() == 0
+
+
+def test_wavefront_switch_round_trips_and_validates():
+    prev = rnn_ext.set_cuda_wavefront(3)
+    try:
+        assert rnn_ext.set_cuda_wavefront(1) == 3
+        assert torch.ops.rnn_ext.set_cuda_wavefront(rnn_ext.cuda.MAX_WAVEFRONT) == 1
+        for bad in (0, rnn_ext.cuda.MAX_WAVEFRONT + 1, -1, True, 2.0, "2"):
+            with pytest.raises(ValueError, match="layers must be"):
+                rnn_ext.set_cuda_wavefront(bad)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="layers must be in 1 .. 8"):
+            torch.ops.rnn_ext.set_cuda_wavefront(9)
+        assert rnn_ext.set_cuda_wavefront(2) == rnn_ext.cuda.MAX_WAVEFRONT  # unchanged by those
+    finally:
+        rnn_ext.set_cuda_wavefront(prev)
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,6 +281,229 @@ def test_reduce_scatter_sums_value_l_into_lane_l():
     np.testing.assert_allclose(reduce_scatter(v), v.sum(axis=0), rtol=1e-12, atol=1e-12)
 
 
+# ------------------------------------------------------------------------------------------
+# numpy simulation of the launch schedules (block level: the per-lane product above is shared
+# by every kernel).  Mirrors csrc/cuda_glue.cpp (forward_cells, out_of, the chunk loop,
+# try_persistent_backward) and the super-step loops of rnn_persistent.cu.  Writes of a
+# super-step become visible at its grid barrier; a row read by a product in a super-step must
+# not be written by anyone in it, and an in-place projection row only by its own cell.
+
+
+def _act(z, relu):
+    return np.maximum(z, 0) if relu else np.tanh(z)
+
+
+def simulate_forward_stack(x, h0, Wih, Whh, bih, bhh, relu, need_grad, max_wave, D=1):
+    """The glue's forward over a whole stack with persistent launches only: D == 1 stacks in
+    wavefront chunks of up to max_wave layers, else (or with max_wave == 1) one launch per
+    layer with D cells.  x: (T, B, I); h0: (L*D, B, H); W*: lists per (layer, direction).
+    Returns (output (T, B, D*H), h_n (L*D, B, H), the buffer names each layer used)."""
+    T, B, _ = x.shape
+    L = len(Whh) // D
+    H = Whh[0].shape[0]
+    DH = D * H
+    N = T * B
+    bufs = {}
+
+    def out_name(m):
+        if m == L - 1:
+            return "output"
+        return f"ws{m}" if need_grad else f"scratch{m % 2}"
+
+    def buf(name):
+        if name not in bufs:
+            bufs[name] = np.full((N, DH), np.nan)  # at::empty: garbage until written
+        return bufs[name]
+
+    hy = np.full((L * D, B, H), np.nan)
+    layer_in = x.reshape(N, -1)
+    names = []
+    l = 0
+    while l < L:
+        out = buf(out_name(l))
+        for d in range(D):  # the projection GEMM of layer l, b_ih folded in
+            c = l * D + d
+            out[:, d * H:(d + 1) * H] = layer_in @ Wih[c].T + (0 if bih is None else bih[c])
+        n = min(L - l, max_wave) if D == 1 else 1
+        # the cell table (forward_cells)
+        cells = []
+        for k in range(n if n > 1 else D):
+            m, d = (l + k, 0) if n > 1 else (l, k)
+            c = m * D + d
+            cells.append(dict(
+                m=m, c=c, d=d, out=out_name(m), col=d * H, reverse=d == 1,
+                delay=k if n > 1 else 0,
+                x=out_name(m - 1) if (n > 1 and k > 0) else None))
+        names.append([cl["out"] for cl in cells])
+        supersteps = T + max(cl["delay"] for cl in cells)
+        for s in range(supersteps):
+            pending, prod_reads, inplace_reads = [], set(), set()
+            for ci, cl in enumerate(cells):
+                i = s - cl["delay"]
+                if not 0 <= i < T:
+                    continue
+                t = T - 1 - i if cl["reverse"] else i
+                o = buf(cl["out"])
+                cols = slice(cl["col"], cl["col"] + H)
+                rows = slice(t * B, (t + 1) * B)
+                if i == 0:
+                    hprev = h0[cl["c"]]
+                else:
+                    tp = t + 1 if cl["reverse"] else t - 1
+                    hprev = o[tp * B:(tp + 1) * B, cols]
+                    prod_reads.add((cl["out"], tp, cl["col"]))
+                if cl["x"] is None:
+                    z = o[rows, cols].copy()  # P_t, read in place
+                    inplace_reads.add((cl["out"], t, cl["col"], ci))
+                else:
+                    z = buf(cl["x"])[rows, :H] @ Wih[cl["c"]].T
+                    z = z + (0 if bih is None else bih[cl["c"]])
+                    prod_reads.add((cl["x"], t, 0))
+                z = z + hprev @ Whh[cl["c"]].T + (0 if bhh is None else bhh[cl["c"]])
+                v = _act(z, relu)
+                pending.append((cl["out"], rows, cols, v, (cl["out"], t, cl["col"]), ci))
+                if i == T - 1:
+                    hy[cl["c"]] = v  # the kernel writes h_n itself
+            written = {p[4] for p in pending}
+            assert not (prod_reads & written), f"super-step {s}: a product reads rows written now"
+            for (name, t, col, ci) in inplace_reads:
+                owners = {p[5] for p in pending if p[4] == (name, t, col)}
+                assert owners == {ci}, f"super-step {s}: in-place rows written by another cell"
+            for name, rows, cols, v, _, _ in pending:  # the grid barrier
+                bufs[name][rows, cols] = v
+        l += n
+        if l < L:
+            layer_in = buf(out_name(l - 1))
+    return bufs["output"].reshape(T, B, DH), hy, names
+
+
+def reference_stack(x, h0, Wih, Whh, bih, bhh, relu, D=1):
+    T, B, _ = x.shape
+    L = len(Whh) // D
+    H = Whh[0].shape[0]
+    inp = x
+    hy = np.zeros((L * D, B, H))
+    for m in range(L):
+        out = np.zeros((T, B, D * H))
+        for d in range(D):
+            c = m * D + d
+            h = h0[c]
+            for i in range(T):
+                t = T - 1 - i if d == 1 else i
+                z = inp[t] @ Wih[c].T + h @ Whh[c].T
+                z = z + (0 if bih is None else bih[c]) + (0 if bhh is None else bhh[c])
+                h = _act(z, relu)
+                out[t, :, d * H:(d + 1) * H] = h
+            hy[c] = h
+        inp = out
+    return out, hy
+
+
+STACK_CASES = [
+    # (T, B, I, H, L, D, max_wave, need_grad, relu, bias)
+    (5, 3, 4, 6, 2, 1, 8, True, False, True),
+    (5, 2, 3, 4, 4, 1, 8, False, False, True),   # scratch ping-pong: layers 0, 2 share one
+    (6, 2, 3, 4, 5, 1, 8, False, True, False),   # ... 0, 2 and 4 ... (4 is the output)
+    (4, 1, 2, 3, 11, 1, 8, False, False, True),  # two chunks (8 + 3) across the ping-pong
+    (4, 2, 2, 3, 10, 1, 3, True, False, True),   # chunks of 3, 3, 3, 1
+    (3, 2, 2, 3, 3, 1, 1, False, False, True),   # one launch per layer
+    (1, 2, 2, 3, 4, 1, 8, False, False, True),   # T = 1: super-steps 0 .. L-1
+    (5, 2, 3, 4, 3, 2, 8, False, False, True),   # bidirectional: both directions per launch
+    (4, 3, 3, 4, 2, 2, 8, True, True, True),
+]
+
+
+@pytest.mark.parametrize("T,B,I,H,L,D,max_wave,need_grad,relu,bias", STACK_CASES)
+def test_simulated_launch_schedule_matches_reference(T, B, I, H, L, D, max_wave, need_grad,
+                                                     relu, bias):
+    rng = np.random.default_rng(T + 10 * L + 100 * D + max_wave)
+    x = rng.standard_normal((T, B, I))
+    h0 = rng.standard_normal((L * D, B, H)) * 0.5
+    Wih = [rng.standard_normal((H, I if m < D else D * H)) * 0.5 for m in range(L * D)]
+    Whh = [rng.standard_normal((H, H)) * 0.5 for _ in range(L * D)]
+    bih = rng.standard_normal((L * D, H)) if bias else None
+    bhh = rng.standard_normal((L * D, H)) if bias else None
+    out, hy, names = simulate_forward_stack(x, h0, Wih, Whh, bih, bhh, relu, need_grad,
+                                            max_wave, D)
+    want_out, want_hy = reference_stack(x, h0, Wih, Whh, bih, bhh, relu, D)
+    np.testing.assert_allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hy, want_hy, rtol=1e-12, atol=1e-12)
+    launches = len(names)
+    if D == 1:
+        assert launches == -(-L // max_wave)  # the wavefront really ran as chunks
+    else:
+        assert launches == L
+
+
+def simulate_backward_layer(h_out, dy, dh_in, W, relu, T, B, H, D, store=lambda a: a):
+    """The persistent backward of one layer (both directions): h_out, dy (T*B, D*H); dh_in
+    (D, B, H); W (D, H, H) (the kernel holds W^T's slice: dh_prev[:, j] = dz W[:, j]).  dz is
+    stored through `store` (the storage dtype's rounding) and multiplied from there.
+    Returns (dZ (T*B, D*H), dh_out (D, B, H))."""
+    dZ = np.full((T * B, D * H), np.nan)
+    dh = dh_in.astype(np.float64).copy()
+    for i in range(T + 1):  # super-steps
+        pending = []
+        for d in range(D):
+            rev = d == 1
+            cols = slice(d * H, (d + 1) * H)
+            if i > 0:
+                tp = i - 1 if rev else T - i
+                g = dZ[tp * B:(tp + 1) * B, cols] @ W[d]  # reads rows written at i - 1
+            else:
+                g = dh[d]
+            if i < T:
+                t = i if rev else T - 1 - i
+                rows = slice(t * B, (t + 1) * B)
+                g = g + (0 if dy is None else dy[rows, cols])
+                h = h_out[rows, cols]
+                v = np.where(h <= 0, 0.0, g) if relu else g * (1 - h * h)
+                pending.append((rows, cols, store(v)))
+            else:
+                dh[d] = g
+        for rows, cols, v in pending:
+            dZ[rows, cols] = v
+    return dZ, dh
+
+
+@pytest.mark.parametrize("T,B,H,D,relu,with_dy", [
+    (5, 3, 4, 1, False, True), (4, 2, 5, 2, False, True), (3, 1, 3, 2, True, True),
+    (1, 2, 3, 2, False, True), (4, 2, 3, 1, False, False),
+])
+def test_simulated_backward_matches_autograd(T, B, H, D, relu, with_dy):
+    """The persistent backward's recursion (super-step order, directions, dh in and out) gives
+    torch autograd's gradients of one layer: dz (hence every weight gradient, formed from dZ
+    by the glue's GEMMs) and d h0."""
+    g = torch.Generator().manual_seed(T * 7 + D)
+    P = torch.randn(T, B, D * H, generator=g, dtype=torch.float64)
+    h0 = (torch.randn(D, B, H, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    W = torch.randn(D, H, H, generator=g, dtype=torch.float64) * 0.5
+    Z = P.clone().requires_grad_()  # the pre-activation's input part: d out / d P = dz
+    outs, hn = [], []
+    for d in range(D):
+        h = h0[d]
+        cols = []
+        order = range(T - 1, -1, -1) if d == 1 else range(T)
+        for t in order:
+            z = Z[t, :, d * H:(d + 1) * H] + h @ W[d].T
+            h = torch.relu(z) if relu else torch.tanh(z)
+            cols.append((t, h))
+        cols.sort(key=lambda p: p[0])
+        outs.append(torch.stack([c[1] for c in cols]))
+        hn.append(h)
+    out = torch.cat(outs, dim=2)
+    hn = torch.stack(hn)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64) if with_dy else None
+    gh = torch.randn(hn.shape, generator=g, dtype=torch.float64)
+    torch.autograd.backward([out, hn] if with_dy else [hn], [go, gh] if with_dy else [gh])
+    dZ, dh = simulate_backward_layer(
+        out.detach().reshape(T * B, D * H).numpy(),
+        None if go is None else go.reshape(T * B, D * H).numpy(),
+        gh.numpy(), W.numpy(), relu, T, B, H, D)
+    np.testing.assert_allclose(dZ.reshape(T, B, D * H), Z.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dh, h0.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_feasibility_arithmetic():
     """The limits bench/NOTES.md states: with <= 128 registers per thread two 256-thread blocks
     fit an SM, so D * ceil(H / 8) <= 2 * SMs; shared memory 8 * H * elem + 1 KiB per block."""
@@ -348,9 +603,11 @@ def test_persistent_parity(p, dtype, no_tf32, restore_kernel):
     rnn_ext.set_cuda_kernel("step")
     step = _run(ext, x, hx, dtype, "cuda")
     assert rnn_ext.cuda_kernel_used() == "step"
+    assert rnn_ext.cuda_kernel_used("backward") == "step"
     rnn_ext.set_cuda_kernel("persistent")
     pers = _run(ext, x, hx, dtype, "cuda")
     assert rnn_ext.cuda_kernel_used() == "persistent", "feasible on an H100/H200: H <= 1024"
+    assert rnn_ext.cuda_kernel_used("backward") == "persistent"
     cudnn = _run(base, x, hx, dtype, "cuda")
     if dtype == torch.float32:
         for k in step:
@@ -362,6 +619,89 @@ def test_persistent_parity(p, dtype, no_tf32, restore_kernel):
             e_p, e_s, e_c = (_rel(r[k], truth[k]) for r in (pers, step, cudnn))
             assert e_p <= max(3 * e_c, 3 * e_s, HALF_FLOOR[dtype]), (
                 f"{k}: persistent {e_p:.3g}, step {e_s:.3g}, cuDNN {e_c:.3g}")
+
+
+@pytest.fixture
+def restore_wavefront():
+    prev = rnn_ext.set_cuda_wavefront(rnn_ext.cuda.MAX_WAVEFRONT)
+    rnn_ext.set_cuda_wavefront(prev)
+    yield
+    rnn_ext.set_cuda_wavefront(prev)
+
+
+def _expected_wave(dtype, H, L, limit):
+    """Layers per launch the glue should pick: the switch, the stack and co-residency."""
+    maxco = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 1, H)[3]
+    return max(1, min(L, limit, maxco // -(-H // 8)))
+
+
+@_apply(needs_cuda)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,H,L,grad", [
+    (1, 64, 3, True), (8, 256, 2, True), (4, 128, 5, False), (32, 64, 10, True),
+    (3, 256, 9, False), (8, 1024, 2, True),
+])
+def test_wavefront_matches_per_layer_and_step(B, H, L, grad, dtype, no_tf32, restore_kernel,
+                                              restore_wavefront):
+    """A unidirectional stack as a layer wavefront (deep stacks in chunks of up to 8 layers;
+    without grad, layers of equal parity share a scratch buffer) gives the per-layer persistent
+    launches' and the step path's results, forward and backward."""
+    T, I = 9, 16
+    base, ext = _modules(I, H, L, False, False, torch.float64)
+    g = torch.Generator().manual_seed(B * 100 + L)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    hx = torch.randn(L, B, H, generator=g, dtype=torch.float64) * 0.5
+    if dtype != torch.float32:
+        x, hx = x.to(dtype).double(), hx.to(dtype).double()
+        ext.load_state_dict({k: v.to(dtype).double() for k, v in ext.state_dict().items()})
+    res = {}
+    for name, kernel, wave in (("step", "step", 8), ("layer", "persistent", 1),
+                               ("wave", "persistent", 8)):
+        rnn_ext.set_cuda_kernel(kernel)
+        rnn_ext.set_cuda_wavefront(wave)
+        if grad:
+            res[name] = _run(ext, x, hx, dtype, "cuda")
+        else:
+            with torch.no_grad():
+                res[name] = _run(ext, x, hx, dtype, "cuda", backward=False)
+        if kernel == "persistent":
+            assert rnn_ext.cuda_kernel_used() == "persistent"
+            assert rnn_ext.cuda_wavefront_layers() == (
+                1 if wave == 1 else _expected_wave(dtype, H, L, wave))
+            if grad:
+                assert rnn_ext.cuda_kernel_used("backward") == "persistent"
+    if _expected_wave(dtype, H, L, 8) >= 2:
+        assert rnn_ext.cuda_wavefront_layers() >= 2, "the wavefront ran"
+    if dtype == torch.float32:
+        for k in res["step"]:
+            assert _rel(res["wave"][k], res["layer"][k]) <= 5e-5, f"{k}: wavefront vs per layer"
+            assert _rel(res["wave"][k], res["step"][k]) <= 5e-5, f"{k}: wavefront vs step"
+    else:  # bf16: against float64, no worse than the others (its upper layers' projection is
+        # fp32 inside the kernel, theirs a bf16-rounded GEMM result)
+        if grad:
+            truth = _run(ext, x, hx, torch.float64, "cpu")
+        else:
+            with torch.no_grad():
+                truth = _run(ext, x, hx, torch.float64, "cpu", backward=False)
+        for k in truth:
+            e_w, e_l, e_s = (_rel(res[n][k], truth[k]) for n in ("wave", "layer", "step"))
+            assert e_w <= max(3 * e_l, 3 * e_s, HALF_FLOOR[dtype]), (
+                f"{k}: wavefront {e_w:.3g}, per layer {e_l:.3g}, step {e_s:.3g}")
+
+
+@_apply(needs_cuda)
+def test_wavefront_off_with_dropout_and_bidirectional(restore_kernel, restore_wavefront):
+    rnn_ext.set_cuda_kernel("persistent")
+    x = torch.randn(6, 4, 16, device="cuda")
+    m = rnn_ext.RNN(16, 64, num_layers=3, dropout=0.5).cuda().train()
+    m(x)
+    assert rnn_ext.cuda_kernel_used() == "persistent" and rnn_ext.cuda_wavefront_layers() == 1
+    m.eval()
+    m(x)
+    assert rnn_ext.cuda_wavefront_layers() == 3
+    m = rnn_ext.RNN(16, 64, num_layers=3, bidirectional=True).cuda()
+    m(x)
+    assert rnn_ext.cuda_kernel_used() == "persistent" and rnn_ext.cuda_wavefront_layers() == 1
 
 
 @_apply(needs_cuda)
@@ -442,6 +782,15 @@ def test_plan_and_barrier_diagnostics():
             if props.multi_processor_count >= 128 and H * D <= 2048:
                 assert status == 0
     assert torch.ops.rnn_ext._cuda_persistent_plan(torch.float64, 256, 1)[-1] == 1
+    for dtype in (torch.float32, torch.bfloat16):
+        for H in (256, 1024):
+            bw = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 2, 0, True)
+            wave = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 2, H)
+            print(f"plan {dtype} H={H}: backward D=2 {bw}; wavefront 2 layers {wave}")
+            assert bw[0] == 2 * (H // 8) and bw[4] <= 128 and wave[2] == 8 * 2 * H * (
+                4 if dtype == torch.float32 else 2) + 1024
+            if props.multi_processor_count >= 128:
+                assert bw[5] == 0 and wave[5] == 0
     for blocks in (32, 128, 2 * props.multi_processor_count):
         us = torch.ops.rnn_ext._cuda_grid_barrier_us(blocks, 2000)
         print(f"grid barrier: {blocks} blocks x 256 threads: {us:.2f} us per grid.sync()")

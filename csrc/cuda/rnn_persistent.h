@@ -1,20 +1,38 @@
-// Host launcher of the persistent forward recurrence kernel (csrc/cuda/rnn_persistent.cu).
+// Host launchers of the persistent recurrence kernels (csrc/cuda/rnn_persistent.cu).
 // Pure CUDA (no torch header), like cuda/rnn_kernels.h.
 //
-// One cooperative launch runs the whole recurrence of one layer, both directions at once: the
-// grid holds D * ceil(H / 8) blocks; block b of direction d keeps W_hh[8b : 8b+8, :] of that
-// direction in shared memory for the whole sequence and, per step, computes those 8 columns of
-//   h_t = act(P_t + b_hh + h_{t-1} W_hh^T)
-// for every batch row (fp32 accumulation), in place over the projection P_t, then waits at a
-// grid-wide barrier (cooperative_groups grid.sync()).
+// Forward.  One cooperative launch runs the whole recurrence of up to kMaxPersistentCells
+// "cells" (a cell = one direction of one layer).  Each cell gets ceil(H / 8) blocks; a block
+// keeps its slice of the cell's weights -- rows j0 .. j0+7 of W_hh and, for a cell that projects
+// its own input, of W_ih -- in shared memory for the whole sequence and, per step, computes
+// those 8 columns of
+//   h_t = act(P_t + b_hh + h_{t-1} W_hh^T)         P_t precomputed in `out` (b_ih folded in)
+//   h_t = act(x_t W_ih^T + b_ih + b_hh + h_{t-1} W_hh^T)                  in-kernel projection
+// for every batch row (fp32 accumulation), then waits at a grid-wide barrier (cooperative
+// groups' grid.sync()).  Time runs in super-steps: cell c processes its step i = s - delay_c at
+// super-step s, so
+//   - both directions of one layer are two cells with delay 0 (the second reversed);
+//   - a layer wavefront is cells l = 0 .. n-1 of a unidirectional stack with delay l, cell l > 0
+//     reading x_t from cell l-1's output, which cell l-1 wrote at super-step s-1: n layers cost
+//     T + n - 1 barriers instead of n T.
 //
-// Scope (everything else returns *launched = false so the caller runs the per-step path):
+// Backward.  One cooperative launch runs backpropagation through time of one layer, both
+// directions (cells), with W_hh^T's slice in shared memory:
+//   super-step 0:           dz_t0 = (dh_in + dy_t0) * act'(h_t0)
+//   super-step i (1..T-1):  dz_ti = (dz_t(i-1) W_hh + dy_ti) * act'(h_ti)
+//   super-step T:           dh_out = dz_t(T-1) W_hh                          (= d h0)
+// where t0, t1, ... is the direction's processing order reversed (T-1 .. 0 for a forward cell).
+// The same arithmetic as the per-step path (cuda/rnn_kernels.h, backward_step): dh in fp32,
+// dz stored in the storage dtype and multiplied from there.
+//
+// Scope (everything else returns a status other than kLaunched and enqueues nothing, so the
+// caller runs the per-step path):
 //   - float, half and bfloat16 storage (double falls back);
-//   - uniform batch only (dense input, or a PackedSequence whose sequences all have the same
-//     length): step t owns rows [t*B, (t+1)*B) of the layer output;
-//   - H a multiple of 16 / sizeof(element) and every pointer 16-byte aligned (vector loads);
-//   - all D * ceil(H / 8) blocks co-resident (occupancy x SM count), shared memory within the
-//     device's opt-in limit, and a device that supports cooperative launches.
+//   - uniform batch: step t owns rows [t*B, (t+1)*B) of every buffer;
+//   - H (and K_in) a multiple of 16 / sizeof(element), row strides too, every pointer 16-byte
+//     aligned (vector loads);
+//   - all blocks co-resident (occupancy x SM count), shared memory within the device's opt-in
+//     limit, and a device that supports cooperative launches.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,22 +43,51 @@
 
 namespace rnn_ext::gpu {
 
-// One direction of one layer.
-struct PersistentDirection {
-  const void* w_hh;  // (H, H) contiguous
-  const void* b_hh;  // (H) or null
-  const void* h0;    // (B, H) contiguous: the initial hidden state of this direction
-  void* out;         // this direction's first column of the layer output: row r of step t is
-                     // out + (t * B + r) * ld; holds P_t (b_ih folded in) on entry, h_t on exit
+constexpr int kMaxPersistentCells = 8;
+
+// One direction of one layer in a forward launch.
+struct PersistentCell {
+  // In-kernel input projection (the upper layers of a wavefront).  w_ih == nullptr: `out`
+  // already holds P_t (b_ih folded in) on entry, and x, K_in, ld_x, b_ih are unused.
+  const void* w_ih = nullptr;  // (H, K_in) contiguous
+  const void* b_ih = nullptr;  // (H) or null
+  const void* x = nullptr;     // row r of step t at x + (t * B + r) * ld_x, K_in columns
+  int64_t K_in = 0;
+  int64_t ld_x = 0;
+  const void* w_hh = nullptr;  // (H, H) contiguous
+  const void* b_hh = nullptr;  // (H) or null
+  const void* h0 = nullptr;    // (B, H) contiguous: the initial hidden state
+  void* out = nullptr;         // row r of step t at out + (t * B + r) * ld: h_t on exit
+  int64_t ld = 0;
+  void* hn = nullptr;          // (B, H) contiguous, or null: receives h of the last step
+  bool reverse = false;        // processes t = T-1 .. 0
+  int delay = 0;               // processes step i at super-step i + delay
 };
 
 struct PersistentForward {
-  PersistentDirection dir[2];
-  int64_t T = 0;   // steps
-  int64_t B = 0;   // rows per step (uniform)
-  int64_t H = 0;   // hidden size
-  int64_t ld = 0;  // row stride of out, in elements (D * H)
-  int D = 1;       // directions (1 or 2); direction 1 runs t = T-1 .. 0
+  PersistentCell cell[kMaxPersistentCells];
+  int cells = 0;
+  int64_t T = 0;  // steps
+  int64_t B = 0;  // rows per step (uniform)
+  int64_t H = 0;  // hidden size
+  bool relu = false;
+};
+
+// One direction of one layer in a backward launch.  All buffers but dh in the storage dtype.
+struct PersistentBackwardCell {
+  const void* wt_hh = nullptr;  // W_hh^T, (H, H) contiguous (dh_prev = dz W_hh)
+  const void* h = nullptr;      // the layer's output: row r of step t at h + (t * B + r) * ld
+  const void* dy = nullptr;     // gradient w.r.t. that output, same layout; null = zero
+  void* dz = nullptr;           // out: gradient w.r.t. the pre-activation, same layout
+  float* dh = nullptr;          // (B, H) fp32: in, d h of the last step; out, d h0
+  bool reverse = false;         // the cell ran t = T-1 .. 0 forward (so backward runs 0 .. T-1)
+};
+
+struct PersistentBackward {
+  PersistentBackwardCell cell[2];
+  int cells = 0;
+  int64_t T = 0, B = 0, H = 0;
+  int64_t ld = 0;  // row stride of h, dy, dz (elements)
   bool relu = false;
 };
 
@@ -48,22 +95,29 @@ struct PersistentForward {
 enum class PersistentStatus : int {
   kLaunched = 0,
   kUnsupportedDType = 1,   // double
-  kUnaligned = 2,          // H % (16 / element size) != 0 or a pointer not 16-byte aligned
+  kUnaligned = 2,          // a size or stride not a multiple of 16 / element size, a pointer
+                           // not 16-byte aligned, or a malformed cell table
   kNoCooperative = 3,      // the device cannot launch cooperative kernels
-  kSharedMemory = 4,       // the W_hh slice does not fit the per-block shared memory
+  kSharedMemory = 4,       // the weight slice does not fit the per-block shared memory
   kCoResidency = 5,        // not all blocks can be resident at once
   kEmpty = 6,              // nothing to do (T, B or H is 0): nothing enqueued, nothing needed
 };
 
-// Checks feasibility on the current device and, when feasible, enqueues the kernel on `stream`
-// (no host synchronisation).  *status says what happened; the return value is the CUDA error of
-// the queries / the launch (cudaSuccess when it simply was not feasible).
+// Check feasibility on the current device and, when feasible, enqueue the kernel on `stream`
+// (no host synchronisation).  *status says what happened; the return value is the CUDA error
+// of the queries / the launch (cudaSuccess when it simply was not feasible).  The caller
+// guarantees the hazards the kernels rely on: a cell never writes rows another cell reads in
+// the same super-step (true for the two layouts described above).
 cudaError_t persistent_forward(DType dtype, const PersistentForward& args, cudaStream_t stream,
                                PersistentStatus* status);
+cudaError_t persistent_backward(DType dtype, const PersistentBackward& args,
+                                cudaStream_t stream, PersistentStatus* status);
 
-// The shape of the launch for (dtype, H, D) on the current device, without launching: blocks,
-// threads per block, dynamic shared memory per block, and the most blocks that can be
-// co-resident.  For tests, the benchmark notes and diagnostics.
+// The shape of a launch on the current device, without launching: `cells` cells of hidden size
+// H, the widest projecting cell K_in columns wide (0: none projects), forward or backward
+// kernel.  blocks, threads per block, dynamic shared memory per block, the most blocks that
+// can be co-resident, registers per thread.  For the glue's choice of wavefront depth, tests,
+// the benchmark notes and diagnostics.
 struct PersistentPlan {
   int blocks = 0;
   int threads = 0;
@@ -72,7 +126,8 @@ struct PersistentPlan {
   int registers = 0;  // per thread, from cudaFuncGetAttributes
   PersistentStatus status = PersistentStatus::kLaunched;  // kLaunched = feasible
 };
-cudaError_t persistent_forward_plan(DType dtype, int64_t H, int D, PersistentPlan* plan);
+cudaError_t persistent_plan(DType dtype, int64_t H, int cells, int64_t K_in, bool backward,
+                            PersistentPlan* plan);
 
 // Microbenchmark of the grid barrier alone: one cooperative launch of `blocks` blocks of 256
 // threads doing `steps` grid.sync()s, timed with CUDA events on `stream` (this one synchronises
