@@ -125,6 +125,10 @@ def parse_args(argv=None):
                    help=f"comma list of {','.join(ALL_CONTENDERS)}")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional RNNs")
     p.add_argument("--nonlinearity", default="tanh", choices=["tanh", "relu"])
+    p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+                   help="CUDA float32: 'on'/'off' set torch.backends.cuda.matmul.allow_tf32 "
+                        "(which rnn_ext follows) and torch.backends.cudnn.allow_tf32 (cuDNN) "
+                        "both; 'default' leaves torch's defaults (matmul off, cuDNN on)")
     p.add_argument("--compile-scope", default="auto", choices=["auto", "full", "cell"],
                    help="what torch.compile wraps for compiled_reference (see the module doc)")
     p.add_argument("--compile-full-max-steps", type=int, default=None,
@@ -451,6 +455,20 @@ def bench_point(args, point, dtype, mode, timer, floor):
     # Agreement with torch.nn.RNN, in this mode (fwd: out and h_n; train: the gradients).
     # Not a test: recorded so that a wrong result is visible next to its timing.
     results = {c: calls[c]() for c in order if c != "compiled_reference"}
+    if dev == "cuda" and "rnn_ext" in results:
+        # which CUDA kernels rnn_ext's call ran (rnn_ext.set_cuda_kernel / RNN_EXT_CUDA_KERNEL)
+        setting = rnn_ext.set_cuda_kernel("step")  # read the switch: set, then restore
+        rnn_ext.set_cuda_kernel(setting)
+        row["cuda_kernels"] = {
+            "setting": setting,
+            "forward": rnn_ext.cuda_kernel_used(),
+            "forward_variant": rnn_ext.cuda.cuda_persistent_variant(),
+            "wavefront_layers": rnn_ext.cuda_wavefront_layers(),
+        }
+        if mode == "train":
+            row["cuda_kernels"]["backward"] = rnn_ext.cuda_kernel_used("backward")
+            row["cuda_kernels"]["backward_variant"] = rnn_ext.cuda.cuda_persistent_variant(
+                "backward")
     if "compiled_reference" in calls:
         results["compiled_reference"] = first_result
     for c in order:
@@ -687,6 +705,9 @@ def plots(rows, contenders, stem):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if args.tf32 != "default":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     if args.threads:
         torch.set_num_threads(args.threads)
     timer = Timer(args.device)
@@ -780,7 +801,7 @@ def main(argv=None):
             "min_sample_ms": args.min_sample_ms, "compile_scope": args.compile_scope,
             "compile_full_max_steps": args.compile_full_max_steps,
             "compile_timeout_s": args.compile_timeout, "bidirectional": args.bidirectional,
-            "nonlinearity": args.nonlinearity, "seed": args.seed,
+            "nonlinearity": args.nonlinearity, "seed": args.seed, "tf32": args.tf32,
             "train_grads": "input and all parameters (torch.autograd.grad of out.sum()+h_n.sum())",
             "flops": "2*T*B*(I_l+H)*H per layer-direction forward; train = 3x forward",
             "timer": "cuda events" if args.device == "cuda" else "time.perf_counter",

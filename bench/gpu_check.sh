@@ -12,8 +12,9 @@
 #   3. pytest -m cuda tests/test_cuda.py                                 -> OUTDIR/cuda_tests.{log,xml}
 #   3b. the persistent kernels (issue 5): tests/test_cuda_persistent.py (plans + barrier cost
 #      printed), then the benchmark with RNN_EXT_CUDA_KERNEL=persistent (rnn_ext and cuDNN,
-#      issue 5's grid, forward and training) and =step (forward), memcheck + racecheck on a
-#      persistent parity test (forward + backward) and a wavefront test
+#      issue 5's grid, forward and training), =persistent_fma (bf16) and =step (forward),
+#      memcheck + racecheck on a persistent parity test (forward + backward) and a wavefront
+#      test
 #                                                   -> OUTDIR/persistent_*.{log,xml,json}
 #   4. a short benchmark against cuDNN (bench/bench.py, or an inline fallback) -> OUTDIR/bench*
 #   5. compute-sanitizer memcheck, racecheck, initcheck on small cuda tests-> OUTDIR/sanitizer_*.log
@@ -178,6 +179,12 @@ if [ "${RC[build]}" = 0 ]; then
     env RNN_EXT_CUDA_KERNEL=persistent "$PY" bench/bench.py --device cuda --grid "$PGRID" \
     --dtypes float32,bfloat16 --modes fwd,train --contenders rnn_ext,torch --repeats 5 \
     --warmup 2 --min-sample-ms 5 --out "$OUT" --name persistent_fwd --no-plots --no-progress
+  # the FMA variant (P1/P4) on bf16, for the variant table (fp32 above already ran it: TF32 is
+  # off by default for matmuls, which rnn_ext follows)
+  run_stage fma_bench 40 "$OUT/fma_bench.log" \
+    env RNN_EXT_CUDA_KERNEL=persistent_fma "$PY" bench/bench.py --device cuda --grid "$PGRID" \
+    --dtypes bfloat16 --modes fwd,train --contenders rnn_ext --repeats 5 --warmup 2 \
+    --min-sample-ms 5 --out "$OUT" --name fma_variant --no-plots --no-progress
   run_stage step_bench 40 "$OUT/step_bench.log" \
     env RNN_EXT_CUDA_KERNEL=step "$PY" bench/bench.py --device cuda --grid "$PGRID" \
     --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext --repeats 5 --warmup 2 \

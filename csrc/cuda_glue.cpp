@@ -154,11 +154,12 @@ at::Tensor stacked_w_ih(const Geometry& g, const std::vector<at::Tensor>& w, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Which recurrence kernel the forward runs (issue 5): "step" (one fused kernel per step, the
-// default until the persistent kernel is verified on a GPU), "persistent" (one cooperative
-// launch per layer where feasible, else the step path), "auto" (persistent where feasible and
-// B <= kAutoMaxBatch).  RNN_EXT_CUDA_KERNEL sets the initial value.
-enum class KernelMode : int { kStep = 0, kAuto = 1, kPersistent = 2 };
+// Which recurrence kernels run (issue 5): "step" (one fused kernel per step, the default until
+// the persistent kernels are verified on a GPU), "persistent" (the persistent kernels where
+// feasible, else the step path; their tensor-core variant where it applies), "persistent_fma"
+// (the same with the FMA variant only), "auto" (as "persistent" for B <= kAutoMaxBatch).
+// RNN_EXT_CUDA_KERNEL sets the initial value.
+enum class KernelMode : int { kStep = 0, kAuto = 1, kPersistent = 2, kPersistentFma = 3 };
 enum class KernelUsed : int { kNone = 0, kStep = 1, kPersistent = 2, kMixed = 3 };
 constexpr int64_t kAutoMaxBatch = 128;
 
@@ -169,6 +170,8 @@ bool parse_kernel_mode(const std::string& name, KernelMode* mode) {
     *mode = KernelMode::kAuto;
   } else if (name == "persistent") {
     *mode = KernelMode::kPersistent;
+  } else if (name == "persistent_fma") {
+    *mode = KernelMode::kPersistentFma;
   } else {
     return false;
   }
@@ -176,7 +179,17 @@ bool parse_kernel_mode(const std::string& name, KernelMode* mode) {
 }
 
 const char* kernel_mode_name(KernelMode m) {
-  return m == KernelMode::kAuto ? "auto" : m == KernelMode::kPersistent ? "persistent" : "step";
+  switch (m) {
+    case KernelMode::kAuto:
+      return "auto";
+    case KernelMode::kPersistent:
+      return "persistent";
+    case KernelMode::kPersistentFma:
+      return "persistent_fma";
+    case KernelMode::kStep:
+      break;
+  }
+  return "step";
 }
 
 std::atomic<int>& kernel_mode_state() {
@@ -185,7 +198,7 @@ std::atomic<int>& kernel_mode_state() {
     const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
     if (env != nullptr && *env != '\0' && !parse_kernel_mode(env, &m)) {
       TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_KERNEL=", env,
-                 " (expected auto, step or persistent); using step");
+                 " (expected auto, step, persistent or persistent_fma); using step");
       m = KernelMode::kStep;
     }
     return static_cast<int>(m);
@@ -197,6 +210,18 @@ std::atomic<int> last_kernel_used{static_cast<int>(KernelUsed::kNone)};
 
 std::atomic<int> last_backward_kernel_used{static_cast<int>(KernelUsed::kNone)};
 std::atomic<int> last_wavefront_layers{0};
+// Which persistent variants the last forward / backward ran: bit 0 FMA, bit 1 tensor cores.
+std::atomic<int> last_variant[2] = {0, 0};
+
+// The persistent kernels' variant preferences for this call: tensor cores unless the switch
+// says "persistent_fma"; float32 on them only as TF32 and only when torch allows TF32 matmuls.
+gpu::PersistentPrefs current_prefs() {
+  gpu::PersistentPrefs prefs;
+  prefs.tensor_cores =
+      static_cast<KernelMode>(kernel_mode_state().load()) != KernelMode::kPersistentFma;
+  prefs.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  return prefs;
+}
 
 // Most layers of a unidirectional stack one persistent forward launch runs as a wavefront
 // (1 = one launch per layer).  RNN_EXT_CUDA_WAVEFRONT sets the initial value.
@@ -285,17 +310,18 @@ gpu::PersistentForward forward_cells(const Geometry& g, const std::vector<at::Te
 //   - otherwise layer l alone, both directions in one launch.
 // h_n of every layer it ran is written by the kernel.  Returns the number of layers run (0:
 // nothing enqueued, the caller runs the step path for layer l).  out_of(m) is layer m's output
-// buffer (N, D*H).
+// buffer (N, D*H).  *variant |= 1 (FMA) or 2 (tensor cores) for what ran.
 template <typename OutOf>
 int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& w,
                                int64_t l, const at::Tensor& h0, at::Tensor& hy, bool use_dropout,
-                               OutOf&& out_of, cudaStream_t stream) {
+                               OutOf&& out_of, const gpu::PersistentPrefs& prefs, int* variant,
+                               cudaStream_t stream) {
   int64_t n = 1;
   if (g.D == 1 && !use_dropout) {
     n = std::min<int64_t>(g.L - l, wavefront_max_state().load());
     if (n > 1) {
-      gpu::PersistentPlan plan;  // co-residency of the projecting cells' shared memory
-      C10_CUDA_CHECK(gpu::persistent_plan(dt, g.H, 1, g.H, false, &plan));
+      gpu::PersistentPlan plan;  // co-residency of a projecting cell's variant
+      C10_CUDA_CHECK(gpu::persistent_plan(dt, g.H, 1, g.H, false, prefs, &plan));
       const int64_t bpc = (g.H + 7) / 8;
       n = plan.status == gpu::PersistentStatus::kLaunched ||
                   plan.status == gpu::PersistentStatus::kCoResidency
@@ -305,9 +331,14 @@ int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vect
   }
   for (;;) {
     gpu::PersistentForward a = forward_cells(g, w, l, n, h0, hy, out_of);
+    a.prefs = prefs;
     gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
-    C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status));
-    if (status == gpu::PersistentStatus::kLaunched) return n;
+    bool mma = false;
+    C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status, &mma));
+    if (status == gpu::PersistentStatus::kLaunched) {
+      *variant |= mma ? 2 : 1;
+      return n;
+    }
     if (n == 1) return 0;
     n = 1;  // e.g. an unaligned weight of an upper layer: layer l on its own
   }
@@ -316,9 +347,11 @@ int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vect
 // Backpropagation through time of layer l, both directions in one persistent launch, where
 // feasible: dZ (this layer's columns) receives dz of every step, dh (D, B, H) fp32 holds d h_n
 // on entry and d h0 on exit.  wt[d] = W_hh^T of direction d.  False: nothing enqueued.
+// *variant |= 1 (FMA) or 2 (tensor cores) for what ran.
 bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& wt,
                              const at::Tensor& layer_out, const at::Tensor& dY, at::Tensor& dZ,
-                             at::Tensor& dh, cudaStream_t stream) {
+                             at::Tensor& dh, const gpu::PersistentPrefs& prefs, int* variant,
+                             cudaStream_t stream) {
   const int64_t es = layer_out.element_size();
   gpu::PersistentBackward a;
   a.T = g.T;
@@ -327,6 +360,7 @@ bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector
   a.ld = g.D * g.H;
   a.relu = g.relu;
   a.cells = static_cast<int>(g.D);
+  a.prefs = prefs;
   for (int64_t d = 0; d < g.D; ++d) {
     gpu::PersistentBackwardCell& c = a.cell[d];
     c.wt_hh = wt[d].const_data_ptr();
@@ -337,8 +371,11 @@ bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector
     c.reverse = d == 1;
   }
   gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
-  C10_CUDA_CHECK(gpu::persistent_backward(dt, a, stream, &status));
-  return status == gpu::PersistentStatus::kLaunched;
+  bool mma = false;
+  C10_CUDA_CHECK(gpu::persistent_backward(dt, a, stream, &status, &mma));
+  if (status != gpu::PersistentStatus::kLaunched) return false;
+  *variant |= mma ? 2 : 1;
+  return true;
 }
 
 }  // namespace
@@ -346,7 +383,7 @@ bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector
 std::string set_cuda_kernel_mode(const std::string& name) {
   KernelMode m;
   TORCH_CHECK(parse_kernel_mode(name, &m), "rnn_ext.set_cuda_kernel: unknown kernel '", name,
-              "'; expected one of 'auto', 'step', 'persistent'");
+              "'; expected one of 'auto', 'step', 'persistent', 'persistent_fma'");
   const int prev = kernel_mode_state().exchange(static_cast<int>(m));
   return kernel_mode_name(static_cast<KernelMode>(prev));
 }
@@ -382,6 +419,14 @@ int64_t set_cuda_wavefront_max(int64_t layers) {
 }
 
 int64_t last_cuda_wavefront_layers() { return last_wavefront_layers.load(); }
+
+std::string last_cuda_persistent_variant(const std::string& phase) {
+  TORCH_CHECK(phase == "forward" || phase == "backward",
+              "rnn_ext.cuda_persistent_variant: phase must be 'forward' or 'backward', got '",
+              phase, "'");
+  const int v = last_variant[phase == "forward" ? 0 : 1].load();
+  return v == 0 ? "none" : v == 1 ? "fma" : v == 2 ? "mma" : "mixed";
+}
 
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights,
@@ -421,8 +466,10 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
     return scratch[m % 2];
   };
   const bool persistent_ok = persistent_wanted(g, input.scalar_type());
+  const gpu::PersistentPrefs prefs = current_prefs();
   at::Tensor layer_in = x;
-  int used = 0;  // bit 0: a step-path recurrence ran, bit 1: a persistent one
+  int used = 0;     // bit 0: a step-path recurrence ran, bit 1: a persistent one
+  int variant = 0;  // bit 0: the persistent FMA variant ran, bit 1: the tensor-core one
   int64_t deepest = 0;
   for (int64_t l = 0; l < g.L;) {
     at::Tensor layer_out = out_of(l);
@@ -441,7 +488,8 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
     //    written by the kernel) where selected and feasible, else one fused kernel per step
     //    and direction and a gather of h_n.
     int64_t n = persistent_ok
-                    ? try_persistent_forward(g, dt, w, l, h0, hy, use_dropout, out_of, stream)
+                    ? try_persistent_forward(g, dt, w, l, h0, hy, use_dropout, out_of, prefs,
+                                             &variant, stream)
                     : 0;
     if (n > 0) {
       used |= 2;
@@ -491,6 +539,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
   if (used != 0) {
     last_kernel_used.store(static_cast<int>(used_of(used)));
     last_wavefront_layers.store(static_cast<int>(deepest));
+    last_variant[0].store(variant);
   }
   return {output, hy, ws, noise};
 }
@@ -541,7 +590,9 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   at::Tensor prev = need_w ? at::empty({g.N, H}, opts) : at::Tensor();
   at::Tensor grad_input;
   const bool persistent_ok = persistent_wanted(g, st);
-  int used = 0;  // bit 0: a step-path BPTT ran, bit 1: a persistent one
+  const gpu::PersistentPrefs prefs = current_prefs();
+  int used = 0;     // bit 0: a step-path BPTT ran, bit 1: a persistent one
+  int variant = 0;  // bit 0: the persistent FMA variant ran, bit 1: the tensor-core one
 
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const at::Tensor layer_out = l == g.L - 1 ? out_top : ws[l];
@@ -560,7 +611,8 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
     // Both directions in one persistent launch where selected and feasible, else one fused
     // kernel per step and direction.
     const bool persistent =
-        persistent_ok && try_persistent_backward(g, dt, wt, layer_out, dY, dZ, dh, stream);
+        persistent_ok &&
+        try_persistent_backward(g, dt, wt, layer_out, dY, dZ, dh, prefs, &variant, stream);
     used |= persistent ? 2 : (g.N > 0 ? 1 : 0);
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t base = (l * g.D + d) * pc;
@@ -616,7 +668,10 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
       grad_input = dX.view(input.sizes());
     }
   }
-  if (used != 0) last_backward_kernel_used.store(static_cast<int>(used_of(used)));
+  if (used != 0) {
+    last_backward_kernel_used.store(static_cast<int>(used_of(used)));
+    last_variant[1].store(variant);
+  }
   if (!grad_input.defined()) grad_input = at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};
 }
@@ -624,22 +679,28 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
 namespace {
 
 // Diagnostics of the persistent kernels for tests and bench/NOTES.md (CUDA builds only):
-//   _cuda_persistent_plan(dtype, H, cells, K_in=0, backward=False)
-//       -> [blocks, threads, smem_bytes, max_coresident, registers, status (0 = feasible)]
-//          on the current device (cells: directions, or layers of a wavefront; K_in: the
-//          widest in-kernel projection, H for a wavefront of more than one layer)
+//   _cuda_persistent_plan(dtype, H, cells, K_in=0, backward=False, tensor_cores=True,
+//                         allow_tf32=False)
+//       -> [blocks, threads, smem_bytes, max_coresident, registers, status (0 = feasible),
+//           mma (1 = the tensor-core variant)]  on the current device (cells: directions, or
+//          layers of a wavefront; K_in: the widest in-kernel projection, H for a wavefront of
+//          more than one layer)
 //   _cuda_grid_barrier_us(blocks, steps) -> microseconds per grid.sync() of `blocks` blocks
 //                                           (synchronises; not for use inside a model)
 std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64_t cells,
-                                          int64_t K_in, bool backward) {
+                                          int64_t K_in, bool backward, bool tensor_cores,
+                                          bool allow_tf32) {
   TORCH_CHECK(cells >= 1 && cells <= (backward ? 2 : gpu::kMaxPersistentCells),
               "rnn_ext: cells must be in 1 .. ", backward ? 2 : gpu::kMaxPersistentCells);
   TORCH_CHECK(H > 0 && K_in >= 0, "rnn_ext: H must be positive and K_in non-negative");
+  gpu::PersistentPrefs prefs;
+  prefs.tensor_cores = tensor_cores;
+  prefs.allow_tf32 = allow_tf32;
   gpu::PersistentPlan plan;
   C10_CUDA_CHECK(gpu::persistent_plan(kernel_dtype(dtype), H, static_cast<int>(cells), K_in,
-                                      backward, &plan));
+                                      backward, prefs, &plan));
   return {plan.blocks, plan.threads, plan.smem_bytes, plan.max_coresident, plan.registers,
-          static_cast<int64_t>(plan.status)};
+          static_cast<int64_t>(plan.status), plan.mma ? 1 : 0};
 }
 
 double cuda_grid_barrier_us(int64_t blocks, int64_t steps) {
@@ -655,7 +716,7 @@ double cuda_grid_barrier_us(int64_t blocks, int64_t steps) {
 
 TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
   m.def("_cuda_persistent_plan(ScalarType dtype, int H, int cells, int K_in=0, "
-        "bool backward=False) -> int[]",
+        "bool backward=False, bool tensor_cores=True, bool allow_tf32=False) -> int[]",
         &cuda_persistent_plan);
   m.def("_cuda_grid_barrier_us(int blocks, int steps) -> float", &cuda_grid_barrier_us);
 }

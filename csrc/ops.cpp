@@ -28,6 +28,7 @@ std::string set_cuda_kernel_mode(const std::string& name);
 std::string last_cuda_kernel_used(const std::string& phase);
 int64_t set_cuda_wavefront_max(int64_t layers);
 int64_t last_cuda_wavefront_layers();
+std::string last_cuda_persistent_variant(const std::string& phase);
 #endif
 
 namespace {
@@ -35,22 +36,27 @@ namespace {
 // forward's / backward's recurrence ran ("step", "persistent", "mixed", or "none" before any /
 // without CUDA); set_cuda_wavefront(layers) -> the previous most layers per persistent forward
 // launch; cuda_wavefront_layers() -> the deepest wavefront of the last CUDA forward (0: none
-// persistent).  A CPU-only build validates and keeps the settings, and reports "none" / 0.
+// persistent); cuda_persistent_variant(phase) -> which persistent variant the last CUDA
+// forward / backward ran ("fma", "mma" (tensor cores), "mixed", "none").  A CPU-only build
+// validates and keeps the settings, and reports "none" / 0.
 #ifdef RNN_EXT_WITH_CUDA
 std::string set_cuda_kernel(const std::string& name) { return set_cuda_kernel_mode(name); }
 std::string cuda_kernel_used(const std::string& phase) { return last_cuda_kernel_used(phase); }
 int64_t set_cuda_wavefront(int64_t layers) { return set_cuda_wavefront_max(layers); }
 int64_t cuda_wavefront_layers() { return last_cuda_wavefront_layers(); }
+std::string cuda_persistent_variant(const std::string& phase) {
+  return last_cuda_persistent_variant(phase);
+}
 #else
 std::string set_cuda_kernel(const std::string& name) {
   static std::string current = [] {  // as the CUDA build: RNN_EXT_CUDA_KERNEL, else "step"
     const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
     const std::string v = env != nullptr ? env : "";
-    return v == "auto" || v == "persistent" ? v : std::string("step");
+    return v == "auto" || v == "persistent" || v == "persistent_fma" ? v : std::string("step");
   }();
-  TORCH_CHECK(name == "auto" || name == "step" || name == "persistent",
+  TORCH_CHECK(name == "auto" || name == "step" || name == "persistent" || name == "persistent_fma",
               "rnn_ext.set_cuda_kernel: unknown kernel '", name,
-              "'; expected one of 'auto', 'step', 'persistent'");
+              "'; expected one of 'auto', 'step', 'persistent', 'persistent_fma'");
   std::string prev = current;
   current = name;
   return prev;
@@ -74,6 +80,12 @@ int64_t set_cuda_wavefront(int64_t layers) {
   return prev;
 }
 int64_t cuda_wavefront_layers() { return 0; }
+std::string cuda_persistent_variant(const std::string& phase) {
+  TORCH_CHECK(phase == "forward" || phase == "backward",
+              "rnn_ext.cuda_persistent_variant: phase must be 'forward' or 'backward', got '",
+              phase, "'");
+  return "none";
+}
 #endif
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
 // The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
@@ -122,6 +134,7 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("cuda_kernel_used(str phase=\"forward\") -> str", &cuda_kernel_used);
   m.def("set_cuda_wavefront(int layers) -> int", &set_cuda_wavefront);
   m.def("cuda_wavefront_layers() -> int", &cuda_wavefront_layers);
+  m.def("cuda_persistent_variant(str phase=\"forward\") -> str", &cuda_persistent_variant);
 }
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {

@@ -17,6 +17,11 @@
     - backward: one cooperative launch per layer runs backpropagation through time of both
       directions (weight gradients stay large GEMMs).
   Weights stay in shared memory for the whole sequence, one grid barrier per (super-)step.
+  Two variants of the block product: tensor cores (``mma.sync``; the weight slice in
+  registers) for float16/bfloat16, and for float32 as TF32 only when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set; FMA in fp32 (the slice in shared memory)
+  otherwise.  ``cuda_persistent_variant()`` says which ran.
+* ``"persistent_fma"``: as ``"persistent"`` with the FMA variant only.
 * ``"auto"``: as ``"persistent"`` but only for batch <= 128.
 
 The environment variables ``RNN_EXT_CUDA_KERNEL`` and ``RNN_EXT_CUDA_WAVEFRONT`` set the
@@ -33,10 +38,10 @@ from . import _C  # noqa: F401  (registers torch.ops.rnn_ext.*)
 
 __all__ = [
     "KERNELS", "MAX_WAVEFRONT", "set_cuda_kernel", "cuda_kernel_used", "cuda_kernel",
-    "set_cuda_wavefront", "cuda_wavefront_layers",
+    "set_cuda_wavefront", "cuda_wavefront_layers", "cuda_persistent_variant",
 ]
 
-KERNELS = ("auto", "step", "persistent")
+KERNELS = ("auto", "step", "persistent", "persistent_fma")
 MAX_WAVEFRONT = 8  # layers per persistent forward launch (csrc: kMaxPersistentCells)
 
 
@@ -59,6 +64,15 @@ def cuda_kernel_used(phase: str = "forward") -> str:
         raise ValueError(f"rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', "
                          f"got {phase!r}")
     return torch.ops.rnn_ext.cuda_kernel_used(phase)
+
+
+def cuda_persistent_variant(phase: str = "forward") -> str:
+    """Which variant of the persistent kernels the last forward / backward on CUDA ran: "mma"
+    (tensor cores), "fma", "mixed" (layers of each), or "none" (no persistent launch)."""
+    if phase not in ("forward", "backward"):
+        raise ValueError(f"rnn_ext.cuda_persistent_variant: phase must be 'forward' or "
+                         f"'backward', got {phase!r}")
+    return torch.ops.rnn_ext.cuda_persistent_variant(phase)
 
 
 def set_cuda_wavefront(layers: int) -> int:

@@ -504,6 +504,150 @@ def test_simulated_backward_matches_autograd(T, B, H, D, relu, with_dy):
     np.testing.assert_allclose(dh, h0.grad.numpy(), rtol=1e-10, atol=1e-12)
 
 
+# ------------------------------------------------------------------------------------------
+# numpy simulation of the tensor-core block product (MmaProduct in rnn_persistent.cu): the
+# B fragments each warp keeps, the A fragments it loads per pass, the partials in shared
+# memory and the epilogue mapping, against the fragment layouts the PTX ISA documents for
+# mma.m16n8k16 (f16/bf16) and mma.m16n8k8 (tf32), emulated independently of that code.
+
+MMA_KINDS = {  # kK, kColOf, kHalf as in MmaProduct
+    "16bit": (16, 2, 8),
+    "tf32": (8, 1, 4),
+}
+K_MAX_KTILES, K_MMA_ROWS = 16, 128
+
+
+def ptx_a_pos(kind, q, g, reg, e):
+    """(row, col) of element e of register reg of the A fragment (PTX ISA layouts)."""
+    if kind == "16bit":  # a0..a7 = reg*2 + e
+        i = reg * 2 + e
+        row = g if i in (0, 1, 4, 5) else g + 8
+        col = q * 2 + (i & 1) + (8 if i >= 4 else 0)
+    else:  # tf32: one element per register
+        row = g if reg in (0, 2) else g + 8
+        col = q if reg in (0, 1) else q + 4
+    return row, col
+
+
+def ptx_b_pos(kind, q, g, reg, e):
+    if kind == "16bit":  # b0..b3 = reg*2 + e
+        i = reg * 2 + e
+        return q * 2 + (i & 1) + (8 if i >= 2 else 0), g
+    return (q if reg == 0 else q + 4), g
+
+
+def ptx_c_pos(q, g, i):
+    return (g if i < 2 else g + 8), q * 2 + (i & 1)
+
+
+def emulate_mma(kind, kK, a, b, c):
+    """a[lane][reg][e], b[lane][reg][e], c[lane][4]: one warp's mma, per the layouts."""
+    A = np.full((16, kK), np.nan)
+    Bm = np.full((kK, 8), np.nan)
+    ne = 2 if kind == "16bit" else 1
+    for lane in range(32):
+        g, q = lane >> 2, lane & 3
+        for reg in range(4):
+            for e in range(ne):
+                A[ptx_a_pos(kind, q, g, reg, e)] = a[lane][reg][e]
+        for reg in range(2):
+            for e in range(ne):
+                Bm[ptx_b_pos(kind, q, g, reg, e)] = b[lane][reg][e]
+    assert not np.isnan(A).any() and not np.isnan(Bm).any(), "a fragment position left empty"
+    D = A @ Bm
+    for lane in range(32):
+        g, q = lane >> 2, lane & 3
+        for i in range(4):
+            c[lane][i] += D[ptx_c_pos(q, g, i)]
+
+
+def simulate_mma_product(kind, x, h, W_in, W_hh, j0, B):
+    """The block owning columns j0..j0+7: returns {(r, j): sum} as epi() would receive it."""
+    kK, col_of, half = MMA_KINDS[kind]
+    K_in = 0 if W_in is None else W_in.shape[1]
+    H = W_hh.shape[0]
+    KT = (K_in + H) // kK
+    assert H % kK == 0 and K_in % kK == 0 and KT <= 8 * K_MAX_KTILES
+    ne = 2 if kind == "16bit" else 1
+
+    def frag(row, start, ok):  # the kernel's frag(): ne consecutive elements from start
+        return [row[start + e] if ok else 0.0 for e in range(ne)]
+
+    # init: B fragments per warp / lane / k-tile slot s
+    breg = {}
+    for warp in range(8):
+        for lane in range(32):
+            g, q = lane >> 2, lane & 3
+            j = j0 + g
+            for s in range(K_MAX_KTILES):
+                kt = warp + 8 * s
+                live = kt < KT and j < H
+                k = kt * kK
+                if not live:
+                    breg[warp, lane, s] = [[0.0] * ne, [0.0] * ne]
+                    continue
+                row = W_in[j, k:] if k < K_in else W_hh[j, k - K_in:]
+                breg[warp, lane, s] = [frag(row, col_of * q, True),
+                                       frag(row, col_of * q + half, True)]
+    got = {}
+    for pass0 in range(0, B, K_MMA_ROWS):
+        rows = min(B - pass0, K_MMA_ROWS)
+        mts = -(-rows // 16)
+        red = np.zeros((8, K_MMA_ROWS, 8))
+        for warp in range(8):
+            acc = [[[0.0] * 4 for _ in range(32)] for _ in range(8)]
+            for s in range(K_MAX_KTILES):
+                kt = warp + 8 * s
+                if kt >= KT:
+                    continue
+                k = kt * kK
+                src, kk = (x, k) if k < K_in else (h, k - K_in)
+                for m in range(mts):
+                    a = []
+                    for lane in range(32):
+                        g, q = lane >> 2, lane & 3
+                        ra, rb = pass0 + m * 16 + g, pass0 + m * 16 + g + 8
+                        rowa = src[ra if ra < B else 0, kk:]
+                        rowb = src[rb if rb < B else 0, kk:]
+                        a.append([frag(rowa, col_of * q, ra < B), frag(rowb, col_of * q, rb < B),
+                                  frag(rowa, col_of * q + half, ra < B),
+                                  frag(rowb, col_of * q + half, rb < B)])
+                    b = [breg[warp, lane, s] for lane in range(32)]
+                    emulate_mma(kind, kK, a, b, acc[m])
+            for m in range(mts):
+                for lane in range(32):
+                    g, q = lane >> 2, lane & 3
+                    red[warp, m * 16 + g, 2 * q:2 * q + 2] = acc[m][lane][0:2]
+                    red[warp, m * 16 + g + 8, 2 * q:2 * q + 2] = acc[m][lane][2:4]
+        flat = red.reshape(8, -1)
+        for tid in range(256):
+            for i in range(tid, mts * 16 * 8, 256):
+                r, j = pass0 + i // 8, j0 + i % 8
+                if r < B and j < H:
+                    assert (r, j) not in got, "an output handled twice"
+                    got[r, j] = flat[:, i].sum()
+    return got
+
+
+@pytest.mark.parametrize("kind,B,H,K_in,j0", [
+    ("16bit", 1, 16, 0, 0), ("16bit", 5, 48, 0, 8), ("16bit", 17, 64, 64, 56),
+    ("16bit", 130, 32, 0, 24), ("16bit", 3, 1024, 1024, 0),  # 16 k-tiles per warp
+    ("tf32", 2, 8, 0, 0), ("tf32", 16, 40, 40, 32), ("tf32", 33, 24, 0, 16),
+])
+def test_simulated_mma_product_matches_matmul(kind, B, H, K_in, j0):
+    rng = np.random.default_rng(B * 1000 + H + K_in)
+    h = rng.standard_normal((B, H))
+    W_hh = rng.standard_normal((H, H))
+    x = rng.standard_normal((B, K_in)) if K_in else None
+    W_in = rng.standard_normal((H, K_in)) if K_in else None
+    got = simulate_mma_product(kind, x, h, W_in, W_hh, j0, B)
+    want = h @ W_hh.T + (x @ W_in.T if K_in else 0)
+    cols = [j for j in range(j0, j0 + 8) if j < H]
+    assert set(got) == {(r, j) for r in range(B) for j in cols}, "every output exactly once"
+    for (r, j), v in got.items():
+        assert abs(v - want[r, j]) <= 1e-9 * max(1.0, abs(want[r, j])), (r, j)
+
+
 def test_feasibility_arithmetic():
     """The limits bench/NOTES.md states: with <= 128 registers per thread two 256-thread blocks
     fit an SM, so D * ceil(H / 8) <= 2 * SMs; shared memory 8 * H * elem + 1 KiB per block."""
@@ -608,6 +752,9 @@ def test_persistent_parity(p, dtype, no_tf32, restore_kernel):
     pers = _run(ext, x, hx, dtype, "cuda")
     assert rnn_ext.cuda_kernel_used() == "persistent", "feasible on an H100/H200: H <= 1024"
     assert rnn_ext.cuda_kernel_used("backward") == "persistent"
+    want_variant = "fma" if dtype == torch.float32 else "mma"  # fp32: TF32 off (no_tf32)
+    assert rnn_ext.cuda.cuda_persistent_variant() == want_variant
+    assert rnn_ext.cuda.cuda_persistent_variant("backward") == want_variant
     cudnn = _run(base, x, hx, dtype, "cuda")
     if dtype == torch.float32:
         for k in step:
@@ -702,6 +849,52 @@ def test_wavefront_off_with_dropout_and_bidirectional(restore_kernel, restore_wa
     m = rnn_ext.RNN(16, 64, num_layers=3, bidirectional=True).cuda()
     m(x)
     assert rnn_ext.cuda_kernel_used() == "persistent" and rnn_ext.cuda_wavefront_layers() == 1
+
+
+@_apply(needs_cuda)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, "tf32"], ids=str)
+@pytest.mark.parametrize("B,H,L,bi", [
+    (1, 256, 2, False), (8, 1024, 1, True), (32, 512, 2, False), (128, 256, 1, True),
+    (130, 64, 2, False),  # two passes of 128 rows
+])
+def test_tensor_core_variant_matches_fma_and_truth(B, H, L, bi, dtype, restore_kernel):
+    """The tensor-core variant (mma.sync; weights in registers) against the FMA variant, the
+    step path and float64: forward and backward, both no worse than 3x the others' error.
+    "tf32": float32 with torch.backends.cuda.matmul.allow_tf32 on (the only way fp32 runs on
+    tensor cores); with it off, the FMA variant runs."""
+    tf32 = dtype == "tf32"
+    dt = torch.float32 if tf32 else dtype
+    T, I = 6, 32
+    _, ext = _modules(I, H, L, bi, False, torch.float64)
+    g = torch.Generator().manual_seed(B + H)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    hx = torch.randn(L * (2 if bi else 1), B, H, generator=g, dtype=torch.float64) * 0.5
+    if not tf32:
+        x, hx = x.to(dt).double(), hx.to(dt).double()
+        ext.load_state_dict({k: v.to(dt).double() for k, v in ext.state_dict().items()})
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        res = {}
+        for kernel in ("persistent", "persistent_fma", "step"):
+            rnn_ext.set_cuda_kernel(kernel)
+            res[kernel] = _run(ext, x, hx, dt, "cuda")
+            if kernel != "step":
+                want = "mma" if kernel == "persistent" else "fma"
+                assert rnn_ext.cuda.cuda_persistent_variant() == want
+                assert rnn_ext.cuda.cuda_persistent_variant("backward") == want
+        torch.backends.cuda.matmul.allow_tf32 = False
+        rnn_ext.set_cuda_kernel("persistent")
+        _run(ext, x, hx, torch.float32, "cuda", backward=False)
+        assert rnn_ext.cuda.cuda_persistent_variant() == "fma", "fp32 without TF32: FMA"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    truth = _run(ext, x, hx, torch.float64, "cpu")
+    floor = 5e-3 if tf32 else HALF_FLOOR[dt]
+    for k in truth:
+        e_m, e_f, e_s = (_rel(res[n][k], truth[k]) for n in ("persistent", "persistent_fma", "step"))
+        assert e_m <= max(3 * e_f, 3 * e_s, floor), (
+            f"{k}: tensor cores {e_m:.3g}, FMA {e_f:.3g}, step {e_s:.3g}")
 
 
 @_apply(needs_cuda)

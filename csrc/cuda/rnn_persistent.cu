@@ -132,28 +132,29 @@ __device__ __forceinline__ void load_slice(T* ws, int64_t ldw, int64_t off, cons
 }
 
 // How a block's threads split one product (see the file comment).
+// (k and shared-memory offsets fit in int: the slice is at most 227 KiB.)
 struct Split {
   int wk;              // warps per row group (they split k): 1, 2, 4 or 8
   int group;           // this warp's row group within a pass
   int kw;              // this warp's share of k
   int lane;
-  int64_t rows_per_pass;
-  int64_t kfirst;      // first k of this thread (in elements; a multiple of V)
-  int64_t kstride;     // distance between this thread's k (elements)
+  int rows_per_pass;
+  int kfirst;          // first k of this thread (in elements; a multiple of V)
+  int kstride;         // distance between this thread's k (elements)
 };
 
 template <typename T>
 __device__ __forceinline__ Split make_split(int wk) {
-  constexpr int64_t V = 16 / sizeof(T);
+  constexpr int V = 16 / sizeof(T);
   Split s;
   const int warp = threadIdx.x >> 5;
   s.wk = wk;
   s.lane = threadIdx.x & 31;
   s.group = warp / wk;
   s.kw = warp - s.group * wk;
-  s.rows_per_pass = static_cast<int64_t>(kWarps / wk) * kRows;
-  s.kfirst = (static_cast<int64_t>(s.kw) * 32 + s.lane) * V;
-  s.kstride = static_cast<int64_t>(32) * wk * V;
+  s.rows_per_pass = (kWarps / wk) * kRows;
+  s.kfirst = (s.kw * 32 + s.lane) * V;
+  s.kstride = 32 * wk * V;
   return s;
 }
 
@@ -161,8 +162,8 @@ __device__ __forceinline__ Split make_split(int wk) {
 // rows r0 + r >= B contributing nothing.
 template <typename T>
 __device__ __forceinline__ void accumulate(float (&acc)[kAcc], const T* x, int64_t ldx,
-                                           int64_t r0, int64_t B, const T* ws, int64_t ldw,
-                                           int64_t K, const Split& sp) {
+                                           int64_t r0, int64_t B, const T* ws, int ldw, int K,
+                                           const Split& sp) {
   constexpr int V = 16 / sizeof(T);
   const T* xrow[kRows];
   bool valid[kRows];
@@ -171,7 +172,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[kAcc], const T* x, int64
     valid[r] = r0 + r < B;
     xrow[r] = x + (valid[r] ? r0 + r : 0) * ldx;
   }
-  for (int64_t k = sp.kfirst; k < K; k += sp.kstride) {
+  for (int k = sp.kfirst; k < K; k += sp.kstride) {
     float xv[kRows][V];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -209,6 +210,255 @@ __device__ __forceinline__ float reduce_group(float (&acc)[kAcc], float* red, co
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Block products.  Both policies compute, for the rows [pass0, pass0 + rows_per_pass()) of a
+// pass, out[r, j0 + c] = sum_k [x | h][r, k] slice[c, k] over k < K_in (x, when the cell
+// projects) then k < H (h), and call epi(r, j, sum) once for every r < B, j < H of the pass,
+// each from one thread.  pass() is called by every thread of the block (it __syncthreads).
+// compute == false: no product, epi(r, j, 0) (the backward's first super-step).
+
+// P1: the slice in shared memory, FMA in fp32 (see the file comment).
+template <typename T>
+struct FmaProduct {
+  T* ws;
+  float* red;
+  int ldw, K_in, j0, H;
+  Split sp;
+
+  __device__ __forceinline__ void init(unsigned char* smem, const T* w_in, int64_t k_in,
+                                       const T* w_hh, int64_t h, int64_t j0_, int wk) {
+    K_in = static_cast<int>(k_in);
+    H = static_cast<int>(h);
+    j0 = static_cast<int>(j0_);
+    ldw = K_in + H;
+    ws = reinterpret_cast<T*>(smem);                                     // kCols x ldw
+    red = reinterpret_cast<float*>(smem + kCols * ldw * sizeof(T));      // kWarps x 32
+    if (K_in > 0) load_slice(ws, ldw, 0, w_in, K_in, j0, H);
+    load_slice(ws, ldw, K_in, w_hh, H, j0, H);
+    sp = make_split<T>(wk);
+  }
+  __device__ __forceinline__ int rows_per_pass() const { return sp.rows_per_pass; }
+
+  template <typename Epi>
+  __device__ __forceinline__ void pass(const T* x, int64_t ldx, const T* h, int64_t ldh,
+                                       int64_t pass0, int64_t B, bool compute, Epi&& epi) {
+    const int64_t r0 = pass0 + static_cast<int64_t>(sp.group) * kRows;
+    float sum = 0.f;
+    if (compute) {  // block-uniform
+      float acc[kAcc];
+#pragma unroll
+      for (int a = 0; a < kAcc; ++a) acc[a] = 0.f;
+      // k over [x | h] (one code path for both segments: fewer registers)
+#pragma unroll 1
+      for (int seg = K_in > 0 ? 0 : 1; seg < 2; ++seg) {
+        const bool in = seg == 0;
+        accumulate(acc, in ? x : h, in ? ldx : ldh, r0, B, in ? ws : ws + K_in, ldw,
+                   in ? K_in : H, sp);
+      }
+      sum = reduce_group(acc, red, sp);
+    }
+    const int64_t r = r0 + sp.lane / kCols;
+    const int j = j0 + sp.lane % kCols;
+    if (sp.kw == 0 && r < B && j < H) epi(r, j, sum);
+  }
+};
+
+// P3: tensor cores.  The block's 8 columns are one n8 tile of mma.sync; warp w owns the
+// k-tiles kt = w, w + 8, w + 16, ... of [x | h] (kK = 16 elements for fp16/bf16, 8 for tf32)
+// and keeps their B fragments -- its part of the weight slice -- in registers for the whole
+// sequence (at most kMaxKTiles per warp).  Per pass (up to 8 m-tiles of 16 rows), a warp loads
+// the A fragments of its k-tiles straight from L2 (__ldcg, 4-byte loads per the fragment
+// layout), accumulates 16x8 fp32 C fragments per m-tile, and writes them to shared memory;
+// then every thread sums the 8 warps' partials of 4 outputs and runs the epilogue.
+// Fragment layouts (PTX ISA, mma.m16n8k16 f16/bf16 and m16n8k8 tf32), g = lane / 4,
+// q = lane % 4:
+//   A (row-major 16 x kK):   16-bit: regs (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+//                            tf32:   (g, q), (g+8, q), (g, q+4), (g+8, q+4)
+//   B (kK x 8, "col"):       16-bit: (k 2q..2q+1, n g), (k 2q+8..2q+9, n g);  tf32: (q, g), (q+4, g)
+//   C (16 x 8 fp32):         (g, 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1)
+constexpr int kMaxKTiles = 16;   // per warp: K_in + H <= 8 * 16 * kK
+constexpr int kMmaRows = 128;    // rows per pass: 8 m-tiles
+
+template <typename T>
+struct MmaTraits;
+template <>
+struct MmaTraits<__nv_bfloat16> {
+  static constexpr int kK = 16;
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();  // the host never selects this variant below sm_80
+#endif
+  }
+};
+template <>
+struct MmaTraits<__half> {
+  static constexpr int kK = 16;
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+  }
+};
+template <>
+struct MmaTraits<float> {
+  static constexpr int kK = 8;
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+  }
+};
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+#else
+  r = __float_as_uint(v);
+#endif
+  return r;
+}
+
+// Two consecutive elements p[0], p[1] as one fragment register (zero when !ok): 16-bit types
+// load them as one 32-bit word; float (tf32) loads p[0] only (its fragments hold one element
+// per register) -- see frag().
+template <typename T>
+__device__ __forceinline__ uint32_t frag(const T* p, bool ok, bool cached) {
+  if (!ok) return 0u;
+  if constexpr (sizeof(T) == 2) {
+    const unsigned* w = reinterpret_cast<const unsigned*>(p);
+    return cached ? __ldg(w) : __ldcg(w);
+  } else {
+    return to_tf32(cached ? __ldg(p) : __ldcg(p));
+  }
+}
+
+template <typename T>
+struct MmaProduct {
+  static constexpr int kK = MmaTraits<T>::kK;
+  // 16-bit: a register holds columns (2q, 2q+1) and the second half-tile starts at +8;
+  // tf32: a register holds column q and the second half starts at +4.
+  static constexpr int kColOf = sizeof(T) == 2 ? 2 : 1;
+  static constexpr int kHalf = kK / 2;
+  uint32_t b[kMaxKTiles][2];
+  float* red;  // kWarps x kMmaRows x kCols
+  int K_in, KT, j0, H;
+  int warp, g, q;
+
+  __device__ __forceinline__ void init(unsigned char* smem, const T* w_in, int64_t k_in,
+                                       const T* w_hh, int64_t h, int64_t j0_, int /*wk*/) {
+    K_in = static_cast<int>(k_in);
+    H = static_cast<int>(h);
+    j0 = static_cast<int>(j0_);
+    KT = (K_in + H) / kK;
+    red = reinterpret_cast<float*>(smem);
+    warp = threadIdx.x >> 5;
+    g = (threadIdx.x & 31) >> 2;
+    q = threadIdx.x & 3;
+    const int j = j0 + g;  // this thread's column of B
+#pragma unroll
+    for (int s = 0; s < kMaxKTiles; ++s) {
+      const int kt = warp + 8 * s;
+      const bool live = kt < KT && j < H;
+      const int k = kt * kK;
+      const bool in = k < K_in;
+      const T* row = in ? w_in + static_cast<int64_t>(j) * K_in + k
+                        : w_hh + static_cast<int64_t>(j) * H + (k - K_in);
+      b[s][0] = frag(row + kColOf * q, live, true);
+      b[s][1] = frag(row + kColOf * q + kHalf, live, true);
+    }
+  }
+  __device__ __forceinline__ int rows_per_pass() const { return kMmaRows; }
+
+  template <typename Epi>
+  __device__ __forceinline__ void pass(const T* x, int64_t ldx, const T* h, int64_t ldh,
+                                       int64_t pass0, int64_t B, bool compute, Epi&& epi) {
+    const int64_t rows = B - pass0 < kMmaRows ? B - pass0 : kMmaRows;
+    const int mts = static_cast<int>((rows + 15) / 16);  // m-tiles in this pass
+    if (!compute) {
+      for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+        const int64_t r = pass0 + i / kCols;
+        const int j = j0 + i % kCols;
+        if (j < H) epi(r, j, 0.f);
+      }
+      return;
+    }
+    float acc[kMmaRows / 16][4];
+#pragma unroll
+    for (int m = 0; m < kMmaRows / 16; ++m) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][e] = 0.f;
+    }
+#pragma unroll
+    for (int s = 0; s < kMaxKTiles; ++s) {
+      const int kt = warp + 8 * s;
+      if (kt < KT) {  // warp-uniform
+        const int k = kt * kK;
+        const bool in = k < K_in;
+        const T* src = in ? x + k : h + (k - K_in);
+        const int64_t ld = in ? ldx : ldh;
+#pragma unroll
+        for (int m = 0; m < kMmaRows / 16; ++m) {
+          if (m < mts) {  // block-uniform
+            const int64_t ra = pass0 + m * 16 + g, rb = ra + 8;
+            const T* pa = src + (ra < B ? ra : 0) * ld + kColOf * q;
+            const T* pb = src + (rb < B ? rb : 0) * ld + kColOf * q;
+            const uint32_t a[4] = {frag(pa, ra < B, false), frag(pb, rb < B, false),
+                                   frag(pa + kHalf, ra < B, false),
+                                   frag(pb + kHalf, rb < B, false)};
+            MmaTraits<T>::mma(acc[m], a, b[s]);
+          }
+        }
+      }
+    }
+    // partials -> shared memory, then each thread sums 4 outputs over the warps
+#pragma unroll
+    for (int m = 0; m < kMmaRows / 16; ++m) {
+      if (m < mts) {
+        float* r0 = red + (warp * kMmaRows + m * 16 + g) * kCols + 2 * q;
+        *reinterpret_cast<float2*>(r0) = make_float2(acc[m][0], acc[m][1]);
+        *reinterpret_cast<float2*>(r0 + 8 * kCols) = make_float2(acc[m][2], acc[m][3]);
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < mts * 16 * kCols; i += kThreads) {
+      const int64_t r = pass0 + i / kCols;
+      const int j = j0 + i % kCols;
+      if (r < B && j < H) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += red[w * kMmaRows * kCols + i];
+        epi(r, j, sum);
+      }
+    }
+    __syncthreads();  // red is reused by the next pass
+  }
+};
+
+template <typename T, bool kMma>
+using Product = std::conditional_t<kMma, MmaProduct<T>, FmaProduct<T>>;
+
 struct ForwardParams {
   PersistentForward a;
   int blocks_per_cell;
@@ -227,7 +477,7 @@ struct BackwardParams {
 
 // __grid_constant__: the cell table is indexed by a block-dependent value without a copy to
 // local memory (sm_70+).
-template <typename T>
+template <typename T, bool kMma>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_forward_kernel(const __grid_constant__ ForwardParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -236,23 +486,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t H = p.a.H, B = p.a.B, steps = p.a.T, ld = cell.ld;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x - cidx * p.blocks_per_cell) * kCols;
   const bool project = cell.w_ih != nullptr;
-  const int64_t K_in = project ? cell.K_in : 0;
-  const int64_t ldw = K_in + H;
-  T* ws = reinterpret_cast<T*>(smem);                                     // kCols x ldw
-  float* red = reinterpret_cast<float*>(smem + kCols * ldw * sizeof(T));  // kWarps x 32
 
-  // 1. The block's weight slice into shared memory, once.
-  if (project) load_slice(ws, ldw, 0, static_cast<const T*>(cell.w_ih), K_in, j0, H);
-  load_slice(ws, ldw, K_in, static_cast<const T*>(cell.w_hh), H, j0, H);
-  const Split sp = make_split<T>(p.wk);
-  // The epilogue of lane l: row l / kCols of its group, column l % kCols.
-  const int64_t ej = j0 + sp.lane % kCols;
-  const int er = sp.lane / kCols;
-  float bias = 0.f;
-  if (ej < H) {
-    if (cell.b_hh != nullptr) bias += to_float(static_cast<const T*>(cell.b_hh)[ej]);
-    if (project && cell.b_ih != nullptr) bias += to_float(static_cast<const T*>(cell.b_ih)[ej]);
-  }
+  // 1. The block's weight slice into shared memory / registers, once.
+  Product<T, kMma> prod;
+  prod.init(smem, static_cast<const T*>(cell.w_ih), project ? cell.K_in : 0,
+            static_cast<const T*>(cell.w_hh), H, j0, p.wk);
+  const T* const b_hh = static_cast<const T*>(cell.b_hh);
+  const T* const b_ih = project ? static_cast<const T*>(cell.b_ih) : nullptr;
   __syncthreads();
 
   T* const out = static_cast<T*>(cell.out);
@@ -274,34 +514,24 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       T* const zt = out + t * B * ld;
       const T* const xt = project ? x + t * B * cell.ld_x : nullptr;
-      for (int64_t pass = 0; pass < B; pass += sp.rows_per_pass) {
-        const int64_t r0 = pass + static_cast<int64_t>(sp.group) * kRows;
-        float acc[kAcc];
-#pragma unroll
-        for (int a = 0; a < kAcc; ++a) acc[a] = 0.f;
-        // k over [x_t | h_{t-1}] (one code path for both segments: fewer registers)
-#pragma unroll 1
-        for (int seg = project ? 0 : 1; seg < 2; ++seg) {
-          const bool in = seg == 0;
-          accumulate(acc, in ? xt : hprev, in ? cell.ld_x : ldh, r0, B, in ? ws : ws + K_in, ldw,
-                     in ? K_in : H, sp);
-        }
-        const float sum = reduce_group(acc, red, sp);
-        const int64_t r = r0 + er;
-        if (sp.kw == 0 && r < B && ej < H) {
-          T* const zp = zt + r * ld + ej;
-          const float z = (project ? 0.f : to_float(__ldcg(zp))) + bias + sum;
-          const T v = from_float<T>(act(z, relu));
+      const bool last = i == steps - 1;
+      for (int64_t pass = 0; pass < B; pass += prod.rows_per_pass()) {
+        prod.pass(xt, cell.ld_x, hprev, ldh, pass, B, true, [&](int64_t r, int j, float sum) {
+          T* const zp = zt + r * ld + j;
+          float z = project ? 0.f : to_float(__ldcg(zp));  // P_t, or the in-kernel projection
+          if (b_hh != nullptr) z += to_float(b_hh[j]);
+          if (b_ih != nullptr) z += to_float(b_ih[j]);
+          const T v = from_float<T>(act(z + sum, relu));
           *zp = v;
-          if (hn != nullptr && i == steps - 1) hn[r * H + ej] = v;
-        }
+          if (hn != nullptr && last) hn[r * H + j] = v;
+        });
       }
     }
     if (s + 1 < p.supersteps) grid.sync();
   }
 }
 
-template <typename T>
+template <typename T, bool kMma>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_backward_kernel(const __grid_constant__ BackwardParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -309,13 +539,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const PersistentBackwardCell& cell = p.a.cell[cidx];
   const int64_t H = p.a.H, B = p.a.B, steps = p.a.T, ld = p.a.ld;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x - cidx * p.blocks_per_cell) * kCols;
-  T* ws = reinterpret_cast<T*>(smem);                                   // kCols x H
-  float* red = reinterpret_cast<float*>(smem + kCols * H * sizeof(T));  // kWarps x 32
 
-  load_slice(ws, H, 0, static_cast<const T*>(cell.wt_hh), H, j0, H);
-  const Split sp = make_split<T>(p.wk);
-  const int64_t ej = j0 + sp.lane % kCols;
-  const int er = sp.lane / kCols;
+  Product<T, kMma> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
+  prod.init(smem, nullptr, 0, static_cast<const T*>(cell.wt_hh), H, j0, p.wk);
   __syncthreads();
 
   const T* const h = static_cast<const T*>(cell.h);
@@ -328,30 +554,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Super-step i handles step t_i (the i-th in backward order); its product reads dz of
   // t_(i-1), written by every block at super-step i - 1.
   for (int64_t i = 0; i <= steps; ++i) {
-    const int64_t t = cell.reverse ? i : steps - 1 - i;           // valid for i < steps
-    const int64_t tp = cell.reverse ? i - 1 : steps - i;          // valid for i > 0
+    const int64_t t = cell.reverse ? i : steps - 1 - i;   // valid for i < steps
+    const int64_t tp = cell.reverse ? i - 1 : steps - i;  // valid for i > 0
     const T* const dzp = i > 0 ? dz + tp * B * ld : nullptr;
-    for (int64_t pass = 0; pass < B; pass += sp.rows_per_pass) {
-      const int64_t r0 = pass + static_cast<int64_t>(sp.group) * kRows;
-      float sum = 0.f;
-      if (i > 0) {  // block-uniform
-        float acc[kAcc];
-#pragma unroll
-        for (int a = 0; a < kAcc; ++a) acc[a] = 0.f;
-        accumulate(acc, dzp, ld, r0, B, ws, H, H, sp);
-        sum = reduce_group(acc, red, sp);
-      }
-      const int64_t r = r0 + er;
-      if (sp.kw == 0 && r < B && ej < H) {
-        float g = i > 0 ? sum : dh[r * H + ej];
+    for (int64_t pass = 0; pass < B; pass += prod.rows_per_pass()) {
+      prod.pass(nullptr, 0, dzp, ld, pass, B, i > 0, [&](int64_t r, int j, float sum) {
+        float gsum = i > 0 ? sum : dh[r * H + j];
         if (i < steps) {
-          const int64_t o = (t * B + r) * ld + ej;
-          if (dy != nullptr) g += to_float(dy[o]);
-          dz[o] = from_float<T>(act_backward(g, to_float(h[o]), relu));
+          const int64_t o = (t * B + r) * ld + j;
+          if (dy != nullptr) gsum += to_float(dy[o]);
+          dz[o] = from_float<T>(act_backward(gsum, to_float(h[o]), relu));
         } else {
-          dh[r * H + ej] = g;
+          dh[r * H + j] = gsum;
         }
-      }
+      });
     }
     if (i < steps) grid.sync();
   }
@@ -375,25 +591,34 @@ int warps_per_group(int64_t B) {
 }
 
 template <typename T>
-const void* kernel_of(bool backward) {
-  return backward ? reinterpret_cast<const void*>(&persistent_backward_kernel<T>)
-                  : reinterpret_cast<const void*>(&persistent_forward_kernel<T>);
+const void* kernel_of(bool backward, bool mma) {
+  if (backward) {
+    return mma ? reinterpret_cast<const void*>(&persistent_backward_kernel<T, true>)
+               : reinterpret_cast<const void*>(&persistent_backward_kernel<T, false>);
+  }
+  return mma ? reinterpret_cast<const void*>(&persistent_forward_kernel<T, true>)
+             : reinterpret_cast<const void*>(&persistent_forward_kernel<T, false>);
+}
+
+// Whether the tensor-core variant applies: asked for, a dtype it has (fp32 only as TF32, only
+// when allowed), k-tiles that do not straddle the two segments, the slice within the
+// registers kept for it, and an sm_80+ device.
+template <typename T>
+bool use_mma(const PersistentPrefs& prefs, int64_t H, int64_t K_in, int cc_major) {
+  constexpr int64_t kK = MmaTraits<T>::kK;
+  return prefs.tensor_cores && (sizeof(T) == 2 || prefs.allow_tf32) && cc_major >= 8 &&
+         H % kK == 0 && K_in % kK == 0 && (K_in + H) / kK <= 8 * kMaxKTiles;
 }
 
 template <typename T>
-cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward, PersistentPlan* plan) {
+cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
+                   const PersistentPrefs& prefs, PersistentPlan* plan) {
   *plan = PersistentPlan{};
   plan->threads = kThreads;
-  const int64_t bpc = (H + kCols - 1) / kCols;
-  const int64_t blocks = static_cast<int64_t>(cells) * bpc;
-  plan->blocks = blocks > 0x7fffffffLL ? 0x7fffffff : static_cast<int>(blocks);
-  plan->smem_bytes = static_cast<int64_t>(kCols) * (K_in + H) * static_cast<int64_t>(sizeof(T)) +
-                     kWarps * 32 * static_cast<int64_t>(sizeof(float));
-  const void* kernel = kernel_of<T>(backward);
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  int coop = 0, optin = 0, sms = 0;
+  int coop = 0, optin = 0, sms = 0, major = 0;
   if ((err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev)) != cudaSuccess)
     return err;
   if ((err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) !=
@@ -401,6 +626,18 @@ cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward, Persistent
     return err;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
     return err;
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) !=
+      cudaSuccess)
+    return err;
+  plan->mma = use_mma<T>(prefs, H, K_in, major);
+  const int64_t bpc = (H + kCols - 1) / kCols;
+  const int64_t blocks = static_cast<int64_t>(cells) * bpc;
+  plan->blocks = blocks > 0x7fffffffLL ? 0x7fffffff : static_cast<int>(blocks);
+  plan->smem_bytes =
+      plan->mma ? static_cast<int64_t>(kWarps) * kMmaRows * kCols * sizeof(float)
+                : static_cast<int64_t>(kCols) * (K_in + H) * static_cast<int64_t>(sizeof(T)) +
+                      kWarps * 32 * static_cast<int64_t>(sizeof(float));
+  const void* kernel = kernel_of<T>(backward, plan->mma);
   cudaFuncAttributes fa{};
   if ((err = cudaFuncGetAttributes(&fa, kernel)) != cudaSuccess) return err;
   plan->registers = fa.numRegs;
@@ -445,7 +682,7 @@ cudaError_t launch(const void* kernel, const PersistentPlan& plan, void* params,
 
 template <typename T>
 cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream,
-                                 PersistentStatus* status) {
+                                 PersistentStatus* status, bool* used_mma) {
   constexpr int64_t V = 16 / sizeof(T);
   if (a.T <= 0 || a.B <= 0 || a.H <= 0) {
     *status = PersistentStatus::kEmpty;
@@ -469,19 +706,20 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
     return cudaSuccess;
   }
   PersistentPlan plan;
-  cudaError_t err = plan_t<T>(a.H, a.cells, K_in, false, &plan);
+  cudaError_t err = plan_t<T>(a.H, a.cells, K_in, false, a.prefs, &plan);
   if (err != cudaSuccess) return err;
   if (plan.status != PersistentStatus::kLaunched) {
     *status = plan.status;
     return cudaSuccess;
   }
+  if (used_mma != nullptr) *used_mma = plan.mma;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-  return launch(kernel_of<T>(false), plan, &prm, stream, status);
+  return launch(kernel_of<T>(false, plan.mma), plan, &prm, stream, status);
 }
 
 template <typename T>
 cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stream,
-                                  PersistentStatus* status) {
+                                  PersistentStatus* status, bool* used_mma) {
   constexpr int64_t V = 16 / sizeof(T);
   if (a.T <= 0 || a.B <= 0 || a.H <= 0) {
     *status = PersistentStatus::kEmpty;
@@ -498,14 +736,15 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
     return cudaSuccess;
   }
   PersistentPlan plan;
-  cudaError_t err = plan_t<T>(a.H, a.cells, 0, true, &plan);
+  cudaError_t err = plan_t<T>(a.H, a.cells, 0, true, a.prefs, &plan);
   if (err != cudaSuccess) return err;
   if (plan.status != PersistentStatus::kLaunched) {
     *status = plan.status;
     return cudaSuccess;
   }
+  if (used_mma != nullptr) *used_mma = plan.mma;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B)};
-  return launch(kernel_of<T>(true), plan, &prm, stream, status);
+  return launch(kernel_of<T>(true, plan.mma), plan, &prm, stream, status);
 }
 
 template <typename F>
@@ -527,29 +766,35 @@ cudaError_t dispatch_persistent(DType dtype, F&& f, PersistentStatus* status) {
 }  // namespace
 
 cudaError_t persistent_forward(DType dtype, const PersistentForward& args, cudaStream_t stream,
-                               PersistentStatus* status) {
+                               PersistentStatus* status, bool* used_mma) {
   *status = PersistentStatus::kUnsupportedDType;
+  if (used_mma != nullptr) *used_mma = false;
   return dispatch_persistent(
       dtype,
-      [&](auto tag) { return persistent_forward_t<decltype(tag)>(args, stream, status); },
+      [&](auto tag) {
+        return persistent_forward_t<decltype(tag)>(args, stream, status, used_mma);
+      },
       status);
 }
 
 cudaError_t persistent_backward(DType dtype, const PersistentBackward& args,
-                                cudaStream_t stream, PersistentStatus* status) {
+                                cudaStream_t stream, PersistentStatus* status, bool* used_mma) {
   *status = PersistentStatus::kUnsupportedDType;
+  if (used_mma != nullptr) *used_mma = false;
   return dispatch_persistent(
       dtype,
-      [&](auto tag) { return persistent_backward_t<decltype(tag)>(args, stream, status); },
+      [&](auto tag) {
+        return persistent_backward_t<decltype(tag)>(args, stream, status, used_mma);
+      },
       status);
 }
 
 cudaError_t persistent_plan(DType dtype, int64_t H, int cells, int64_t K_in, bool backward,
-                            PersistentPlan* plan) {
+                            const PersistentPrefs& prefs, PersistentPlan* plan) {
   PersistentStatus st = PersistentStatus::kLaunched;
   const cudaError_t err = dispatch_persistent(
       dtype,
-      [&](auto tag) { return plan_t<decltype(tag)>(H, cells, K_in, backward, plan); },
+      [&](auto tag) { return plan_t<decltype(tag)>(H, cells, K_in, backward, prefs, plan); },
       &st);
   if (st == PersistentStatus::kUnsupportedDType) {
     *plan = PersistentPlan{};

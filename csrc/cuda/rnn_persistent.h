@@ -64,8 +64,16 @@ struct PersistentCell {
   int delay = 0;               // processes step i at super-step i + delay
 };
 
+// Which block product runs (bench/NOTES.md: P1 = FMA with the slice in shared memory, P3 =
+// tensor cores with the slice in registers).
+struct PersistentPrefs {
+  bool tensor_cores = true;  // mma.sync where it applies (sm_80+, sizes below); else FMA
+  bool allow_tf32 = false;   // float32 on tensor cores as TF32 (torch's allow_tf32); else FMA
+};
+
 struct PersistentForward {
   PersistentCell cell[kMaxPersistentCells];
+  PersistentPrefs prefs;
   int cells = 0;
   int64_t T = 0;  // steps
   int64_t B = 0;  // rows per step (uniform)
@@ -85,6 +93,7 @@ struct PersistentBackwardCell {
 
 struct PersistentBackward {
   PersistentBackwardCell cell[2];
+  PersistentPrefs prefs;
   int cells = 0;
   int64_t T = 0, B = 0, H = 0;
   int64_t ld = 0;  // row stride of h, dy, dz (elements)
@@ -108,15 +117,17 @@ enum class PersistentStatus : int {
 // of the queries / the launch (cudaSuccess when it simply was not feasible).  The caller
 // guarantees the hazards the kernels rely on: a cell never writes rows another cell reads in
 // the same super-step (true for the two layouts described above).
+// *used_mma (may be null): whether the launch runs the tensor-core variant.
 cudaError_t persistent_forward(DType dtype, const PersistentForward& args, cudaStream_t stream,
-                               PersistentStatus* status);
+                               PersistentStatus* status, bool* used_mma = nullptr);
 cudaError_t persistent_backward(DType dtype, const PersistentBackward& args,
-                                cudaStream_t stream, PersistentStatus* status);
+                                cudaStream_t stream, PersistentStatus* status,
+                                bool* used_mma = nullptr);
 
 // The shape of a launch on the current device, without launching: `cells` cells of hidden size
 // H, the widest projecting cell K_in columns wide (0: none projects), forward or backward
-// kernel.  blocks, threads per block, dynamic shared memory per block, the most blocks that
-// can be co-resident, registers per thread.  For the glue's choice of wavefront depth, tests,
+// kernel, the variant `prefs` selects.  blocks, threads per block, dynamic shared memory per
+// block, the most blocks that can be co-resident, registers per thread, the variant.  For the glue's choice of wavefront depth, tests,
 // the benchmark notes and diagnostics.
 struct PersistentPlan {
   int blocks = 0;
@@ -124,10 +135,11 @@ struct PersistentPlan {
   int64_t smem_bytes = 0;
   int max_coresident = 0;
   int registers = 0;  // per thread, from cudaFuncGetAttributes
+  bool mma = false;   // the tensor-core variant
   PersistentStatus status = PersistentStatus::kLaunched;  // kLaunched = feasible
 };
 cudaError_t persistent_plan(DType dtype, int64_t H, int cells, int64_t K_in, bool backward,
-                            PersistentPlan* plan);
+                            const PersistentPrefs& prefs, PersistentPlan* plan);
 
 // Microbenchmark of the grid barrier alone: one cooperative launch of `blocks` blocks of 256
 // threads doing `steps` grid.sync()s, timed with CUDA events on `stream` (this one synchronises
