@@ -241,6 +241,26 @@ std::atomic<int>& wavefront_max_state() {
   return v;
 }
 
+// The wavefront moves the projection of the layers above the first from one large GEMM into
+// the recurrence: every column block then also reads x_t, i.e. ceil(H / 8) * B * H elements
+// more per super-step through L2.  Above this many bytes that costs more than the barriers it
+// saves (bench/NOTES.md, P4: ~8 MiB at ~5.5 TB/s is ~1.5 us, about one barrier plus its
+// latency chain), and the layers run one launch each.  RNN_EXT_CUDA_WAVEFRONT_BYTES overrides.
+int64_t wavefront_max_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("RNN_EXT_CUDA_WAVEFRONT_BYTES");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long n = std::strtoll(env, &end, 10);
+      if (*end == '\0' && n >= 0) return static_cast<int64_t>(n);
+      TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_WAVEFRONT_BYTES=", env,
+                 " (expected a non-negative integer)");
+    }
+    return static_cast<int64_t>(8) << 20;
+  }();
+  return v;
+}
+
 KernelUsed used_of(int bits) {
   return bits == 0   ? KernelUsed::kNone
          : bits == 1 ? KernelUsed::kStep
@@ -303,7 +323,8 @@ gpu::PersistentForward forward_cells(const Geometry& g, const std::vector<at::Te
 }
 
 // Runs the forward recurrence from layer l on with the persistent kernel, where feasible:
-//   - a unidirectional stack without dropout: layers l .. l+n-1 in one wavefront launch, n as
+//   - a unidirectional stack without dropout, where the in-kernel projection's extra L2
+//     traffic is small (wavefront_max_bytes): layers l .. l+n-1 in one wavefront launch, n as
 //     large as the switch (wavefront_max_state), the cell table and co-residency allow; layer l
 //     reads its projection from its output buffer (computed by the caller), layers above
 //     project their input inside the kernel;
@@ -317,7 +338,9 @@ int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vect
                                OutOf&& out_of, const gpu::PersistentPrefs& prefs, int* variant,
                                cudaStream_t stream) {
   int64_t n = 1;
-  if (g.D == 1 && !use_dropout) {
+  const int64_t extra_bytes =  // L2 traffic of the in-kernel projection per super-step
+      (g.H + 7) / 8 * g.B * g.H * static_cast<int64_t>(gpu::storage_size(dt));
+  if (g.D == 1 && !use_dropout && extra_bytes <= wavefront_max_bytes()) {
     n = std::min<int64_t>(g.L - l, wavefront_max_state().load());
     if (n > 1) {
       gpu::PersistentPlan plan;  // co-residency of a projecting cell's variant

@@ -776,9 +776,14 @@ def restore_wavefront():
     rnn_ext.set_cuda_wavefront(prev)
 
 
-def _expected_wave(dtype, H, L, limit):
-    """Layers per launch the glue should pick: the switch, the stack and co-residency."""
-    maxco = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 1, H)[3]
+def _expected_wave(dtype, H, L, limit, B):
+    """Layers per launch the glue should pick: the switch, the stack, co-residency, and the
+    in-kernel projection's extra L2 traffic (ceil(H/8) * B * H elements, at most 8 MiB)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    if -(-H // 8) * B * H * es > 8 << 20:
+        return 1
+    maxco = torch.ops.rnn_ext._cuda_persistent_plan(
+        dtype, H, 1, H, allow_tf32=torch.backends.cuda.matmul.allow_tf32)[3]
     return max(1, min(L, limit, maxco // -(-H // 8)))
 
 
@@ -814,10 +819,10 @@ def test_wavefront_matches_per_layer_and_step(B, H, L, grad, dtype, no_tf32, res
         if kernel == "persistent":
             assert rnn_ext.cuda_kernel_used() == "persistent"
             assert rnn_ext.cuda_wavefront_layers() == (
-                1 if wave == 1 else _expected_wave(dtype, H, L, wave))
+                1 if wave == 1 else _expected_wave(dtype, H, L, wave, B))
             if grad:
                 assert rnn_ext.cuda_kernel_used("backward") == "persistent"
-    if _expected_wave(dtype, H, L, 8) >= 2:
+    if _expected_wave(dtype, H, L, 8, B) >= 2:
         assert rnn_ext.cuda_wavefront_layers() >= 2, "the wavefront ran"
     if dtype == torch.float32:
         for k in res["step"]:
@@ -964,24 +969,33 @@ def test_plan_and_barrier_diagnostics():
     """The launch plan for issue 5's shapes on this card, and the grid barrier's cost (printed
     for bench/NOTES.md; -s shows it)."""
     props = torch.cuda.get_device_properties(0)
+    plan = torch.ops.rnn_ext._cuda_persistent_plan
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        es = torch.empty((), dtype=dtype).element_size()
         for H, D in ((256, 1), (1024, 1), (1024, 2), (2048, 1)):
-            blocks, threads, smem, maxco, regs, status = torch.ops.rnn_ext._cuda_persistent_plan(
-                dtype, H, D)
-            print(f"plan {dtype} H={H} D={D}: blocks={blocks} threads={threads} smem={smem} "
-                  f"max_coresident={maxco} regs={regs} status={status} "
-                  f"({props.name}, {props.multi_processor_count} SMs)")
-            assert blocks == D * (H // 8) and threads == 256 and regs <= 128
-            if props.multi_processor_count >= 128 and H * D <= 2048:
-                assert status == 0
-    assert torch.ops.rnn_ext._cuda_persistent_plan(torch.float64, 256, 1)[-1] == 1
+            for tc in (True, False):
+                blocks, threads, smem, maxco, regs, status, mma = plan(dtype, H, D,
+                                                                       tensor_cores=tc)
+                print(f"plan {dtype} H={H} D={D} tensor_cores={tc}: blocks={blocks} "
+                      f"threads={threads} smem={smem} max_coresident={maxco} regs={regs} "
+                      f"status={status} mma={mma} ({props.name}, "
+                      f"{props.multi_processor_count} SMs)")
+                assert blocks == D * (H // 8) and threads == 256 and regs <= 128
+                # tensor cores: fp16/bf16 (fp32 only with allow_tf32), the slice in registers
+                assert mma == (tc and dtype != torch.float32)
+                assert smem == (8 * 128 * 8 * 4 if mma else 8 * H * es + 1024)
+                if props.multi_processor_count >= 128 and H * D <= 2048:
+                    assert status == 0
+    assert plan(torch.float64, 256, 1)[5] == 1  # unsupported dtype
+    assert plan(torch.float32, 256, 1, allow_tf32=True)[6] == 1  # TF32 on tensor cores
+    assert plan(torch.bfloat16, 2048, 2, 2048)[6] == 0  # K_in + H > 2048: FMA
     for dtype in (torch.float32, torch.bfloat16):
+        es = torch.empty((), dtype=dtype).element_size()
         for H in (256, 1024):
-            bw = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 2, 0, True)
-            wave = torch.ops.rnn_ext._cuda_persistent_plan(dtype, H, 2, H)
-            print(f"plan {dtype} H={H}: backward D=2 {bw}; wavefront 2 layers {wave}")
-            assert bw[0] == 2 * (H // 8) and bw[4] <= 128 and wave[2] == 8 * 2 * H * (
-                4 if dtype == torch.float32 else 2) + 1024
+            bw = plan(dtype, H, 2, 0, True)
+            wave = plan(dtype, H, 2, H, tensor_cores=False)
+            print(f"plan {dtype} H={H}: backward D=2 {bw}; wavefront 2 layers, FMA {wave}")
+            assert bw[0] == 2 * (H // 8) and bw[4] <= 128 and wave[2] == 8 * 2 * H * es + 1024
             if props.multi_processor_count >= 128:
                 assert bw[5] == 0 and wave[5] == 0
     for blocks in (32, 128, 2 * props.multi_processor_count):
