@@ -125,6 +125,11 @@ def parse_args(argv=None):
                    help=f"comma list of {','.join(ALL_CONTENDERS)}")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional RNNs")
     p.add_argument("--nonlinearity", default="tanh", choices=["tanh", "relu"])
+    p.add_argument("--cuda-kernel", default=None, choices=list(rnn_ext.cuda.KERNELS),
+                   help="rnn_ext's CUDA recurrence kernels (rnn_ext.set_cuda_kernel; default: "
+                        "RNN_EXT_CUDA_KERNEL, else 'step')")
+    p.add_argument("--cuda-wavefront", type=int, default=None,
+                   help="most layers per persistent forward launch (rnn_ext.set_cuda_wavefront)")
     p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
                    help="CUDA float32: 'on'/'off' set torch.backends.cuda.matmul.allow_tf32 "
                         "(which rnn_ext follows) and torch.backends.cudnn.allow_tf32 (cuDNN) "
@@ -705,6 +710,10 @@ def plots(rows, contenders, stem):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if args.cuda_kernel is not None:
+        rnn_ext.set_cuda_kernel(args.cuda_kernel)
+    if args.cuda_wavefront is not None:
+        rnn_ext.set_cuda_wavefront(args.cuda_wavefront)
     if args.tf32 != "default":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
         torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
@@ -802,6 +811,7 @@ def main(argv=None):
             "compile_full_max_steps": args.compile_full_max_steps,
             "compile_timeout_s": args.compile_timeout, "bidirectional": args.bidirectional,
             "nonlinearity": args.nonlinearity, "seed": args.seed, "tf32": args.tf32,
+            "cuda_kernel": args.cuda_kernel, "cuda_wavefront": args.cuda_wavefront,
             "train_grads": "input and all parameters (torch.autograd.grad of out.sum()+h_n.sum())",
             "flops": "2*T*B*(I_l+H)*H per layer-direction forward; train = 3x forward",
             "timer": "cuda events" if args.device == "cuda" else "time.perf_counter",

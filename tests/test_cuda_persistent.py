@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -756,11 +757,19 @@ def test_persistent_parity(p, dtype, no_tf32, restore_kernel):
     assert rnn_ext.cuda.cuda_persistent_variant() == want_variant
     assert rnn_ext.cuda.cuda_persistent_variant("backward") == want_variant
     cudnn = _run(base, x, hx, dtype, "cuda")
+    # rnn_ext.reference (plain PyTorch, float64 on the CPU) with the weights as they ran
+    ref_mod = copy.deepcopy(ext).to("cpu", torch.float64)
+    with torch.no_grad():
+        ref_out, ref_hn = rnn_ext.reference.module_forward(ref_mod, x, hx)
     if dtype == torch.float32:
         for k in step:
             assert _rel(pers[k], step[k]) <= 5e-5, f"{k} vs step"
             assert _rel(pers[k], cudnn[k]) <= 5e-5, f"{k} vs cuDNN"
+        assert _rel(pers["out"], ref_out) <= 5e-5 and _rel(pers["hn"], ref_hn) <= 5e-5
     else:
+        e_ref = max(_rel(pers["out"], ref_out), _rel(pers["hn"], ref_hn))
+        e_cud = max(_rel(cudnn["out"], ref_out), _rel(cudnn["hn"], ref_hn))
+        assert e_ref <= max(3 * e_cud, HALF_FLOOR[dtype]), f"vs reference {e_ref:.3g}"
         truth = _run(ext, x, hx, torch.float64, "cpu")
         for k in truth:
             e_p, e_s, e_c = (_rel(r[k], truth[k]) for r in (pers, step, cudnn))
