@@ -1,0 +1,248 @@
+// CUDA's built-ins on host threads, for running csrc/cuda/rnn_persistent_device.cuh on a machine
+// without a GPU (tests/test_cuda_emulated.py).  Every CUDA thread of a launch is a std::thread;
+// __syncthreads, warp shuffles and the grid barrier are std::barriers, so the kernels' own code
+// -- index math, passes, reductions, epilogues, the super-step schedule -- runs unchanged, with
+// the synchronisation CUDA guarantees and no more.  mma.sync is emulated from the fragment
+// layouts the PTX ISA documents (written from the ISA, independently of the kernels' loads).
+// Not part of the extension; compiled only by the tests.
+#pragma once
+
+// The real headers first (types, fp16/bf16 conversions), so that the macros below cannot
+// break their declarations (threadIdx & co.) when the kernels' file includes them again.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <vector_types.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __grid_constant__
+#undef __align__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __align__(n) alignas(n)
+
+namespace simt {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Warp {
+  std::barrier<> bar{32};
+  uint64_t vals[32] = {};
+  uint32_t a[32][4] = {}, b[32][2] = {};
+  float c[32][4] = {};
+};
+
+struct Block {
+  explicit Block(unsigned threads, size_t smem_bytes)
+      : bar(threads), warps(threads / 32), smem(smem_bytes + 16) {
+    for (auto& w : warps) w = std::make_unique<Warp>();
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> smem;
+};
+
+struct Ctx {
+  Dim thread_idx, block_idx, block_dim, grid_dim;
+  Block* block = nullptr;
+  std::barrier<>* grid = nullptr;
+};
+
+inline Ctx& ctx() {
+  static thread_local Ctx c;
+  return c;
+}
+inline int lane() { return static_cast<int>(ctx().thread_idx.x & 31); }
+inline Warp& warp() { return *ctx().block->warps[ctx().thread_idx.x >> 5]; }
+
+template <typename T>
+T shfl_xor(T v, int offset) {
+  static_assert(sizeof(T) <= 8, "shuffle of a register");
+  Warp& w = warp();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w.vals[lane()] = bits;
+  w.bar.arrive_and_wait();
+  const uint64_t got = w.vals[lane() ^ offset];
+  w.bar.arrive_and_wait();  // nobody overwrites vals before every lane has read
+  T r;
+  std::memcpy(&r, &got, sizeof(T));
+  return r;
+}
+
+// mma.sync.aligned.{m16n8k16 f16/bf16, m16n8k8 tf32}.row.col.f32, fp32 accumulate.
+enum class Mma { kF16, kBF16, kTF32 };
+
+inline float decode16(uint16_t bits, Mma kind) {
+  if (kind == Mma::kBF16) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  __half h;
+  std::memcpy(&h, &bits, 2);
+  return __half2float(h);
+}
+
+// The element of register `reg` of lane (g, q) at position `e` (0 = low half) of an A, B or C
+// fragment, per the PTX ISA's "Matrix Fragments for mma.m16n8k16 / m16n8k8" (floating point).
+inline void a_pos(Mma kind, int g, int q, int reg, int e, int* row, int* col) {
+  if (kind == Mma::kTF32) {  // a0: (g, q), a1: (g+8, q), a2: (g, q+4), a3: (g+8, q+4)
+    *row = g + ((reg & 1) ? 8 : 0);
+    *col = q + ((reg & 2) ? 4 : 0);
+    return;
+  }
+  const int i = reg * 2 + e;  // a0..a7
+  *row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+  *col = q * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+}
+inline void b_pos(Mma kind, int g, int q, int reg, int e, int* row, int* col) {
+  *col = g;
+  if (kind == Mma::kTF32) {  // b0: (q, g), b1: (q+4, g)
+    *row = q + (reg ? 4 : 0);
+    return;
+  }
+  const int i = reg * 2 + e;  // b0..b3
+  *row = q * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+}
+inline void c_pos(int g, int q, int i, int* row, int* col) {
+  *row = g + (i >= 2 ? 8 : 0);
+  *col = q * 2 + (i & 1);
+}
+
+inline void mma(Mma kind, float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp& w = warp();
+  const int l = lane();
+  for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+  for (int i = 0; i < 2; ++i) w.b[l][i] = b[i];
+  w.bar.arrive_and_wait();
+  const int K = kind == Mma::kTF32 ? 8 : 16;
+  float A[16][16], B[16][8];
+  for (int ln = 0; ln < 32; ++ln) {
+    const int g = ln >> 2, q = ln & 3;
+    const int per = kind == Mma::kTF32 ? 1 : 2;
+    for (int reg = 0; reg < 4; ++reg) {
+      for (int e = 0; e < per; ++e) {
+        int r, cc;
+        a_pos(kind, g, q, reg, e, &r, &cc);
+        A[r][cc] = kind == Mma::kTF32
+                       ? [&] { float f; std::memcpy(&f, &w.a[ln][reg], 4); return f; }()
+                       : decode16(static_cast<uint16_t>(w.a[ln][reg] >> (16 * e)), kind);
+      }
+    }
+    for (int reg = 0; reg < 2; ++reg) {
+      for (int e = 0; e < per; ++e) {
+        int r, cc;
+        b_pos(kind, g, q, reg, e, &r, &cc);
+        B[r][cc] = kind == Mma::kTF32
+                       ? [&] { float f; std::memcpy(&f, &w.b[ln][reg], 4); return f; }()
+                       : decode16(static_cast<uint16_t>(w.b[ln][reg] >> (16 * e)), kind);
+      }
+    }
+  }
+  const int g = l >> 2, q = l & 3;
+  for (int i = 0; i < 4; ++i) {
+    int r, cc;
+    c_pos(g, q, i, &r, &cc);
+    double s = c[i];
+    for (int k = 0; k < K; ++k) s += static_cast<double>(A[r][k]) * B[k][cc];
+    c[i] = static_cast<float>(s);
+  }
+  w.bar.arrive_and_wait();  // fragments stay until every lane has computed
+}
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (the low 13 bits
+// of the result are zero).  NaN/Inf pass unchanged.
+inline uint32_t cvt_rna_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  u += 0x1000u;  // half of the dropped 13 bits: ties go away from zero (sign-magnitude)
+  return u & 0xffffe000u;
+}
+
+// Runs kernel(args...) on grid x block host threads with `smem_bytes` of dynamic shared
+// memory per block.  Returns after every thread finished.
+template <typename F>
+void launch(unsigned grid, unsigned block, size_t smem_bytes, F&& kernel) {
+  std::barrier<> grid_bar(static_cast<std::ptrdiff_t>(grid) * block);
+  std::vector<std::unique_ptr<Block>> blocks;
+  for (unsigned b = 0; b < grid; ++b) blocks.push_back(std::make_unique<Block>(block, smem_bytes));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(grid) * block);
+  for (unsigned b = 0; b < grid; ++b) {
+    for (unsigned t = 0; t < block; ++t) {
+      threads.emplace_back([&, b, t] {
+        Ctx& c = ctx();
+        c.thread_idx = {t, 0, 0};
+        c.block_idx = {b, 0, 0};
+        c.block_dim = {block, 1, 1};
+        c.grid_dim = {grid, 1, 1};
+        c.block = blocks[b].get();
+        c.grid = &grid_bar;
+        kernel();
+      });
+    }
+  }
+  for (auto& th : threads) th.join();
+}
+
+}  // namespace simt
+
+#define threadIdx (::simt::ctx().thread_idx)
+#define blockIdx (::simt::ctx().block_idx)
+#define blockDim (::simt::ctx().block_dim)
+#define gridDim (::simt::ctx().grid_dim)
+
+inline void __syncthreads() { ::simt::ctx().block->bar.arrive_and_wait(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int offset) {
+  return ::simt::shfl_xor(v, offset);
+}
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+[[noreturn]] inline void __trap() { std::abort(); }
+
+inline unsigned char* dynamic_smem() {
+  auto& v = ::simt::ctx().block->smem;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+  return v.data() + ((16 - p % 16) % 16);  // __align__(16)
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { ::simt::ctx().grid->arrive_and_wait(); }
+};
+inline grid_group this_grid() { return {}; }
+}  // namespace cooperative_groups

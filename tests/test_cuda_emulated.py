@@ -1,0 +1,377 @@
+"""The persistent CUDA kernels' own code, run on the CPU (issue 5).
+
+``csrc/cuda/rnn_persistent_device.cuh`` -- the forward and backward kernels with both block
+products (FMA and tensor cores) -- is compiled by g++ with ``tests/simt/simt_emulation.h``,
+which maps CUDA's built-ins onto host threads: every CUDA thread is a std::thread,
+``__syncthreads``, warp shuffles and ``grid.sync()`` are barriers, ``mma.sync`` is emulated from
+the PTX ISA's fragment layouts.  ``tests/simt/run_persistent.cpp`` launches one kernel the way
+the launchers in ``rnn_persistent.cu`` would (grid, shared memory, warps per group,
+super-steps); these tests build its buffers the way ``csrc/cuda_glue.cpp`` does and compare the
+results with a float64 reference (and torch autograd for the backward).
+
+What this cannot show: timing, the real memory model (the barriers here order everything),
+occupancy and the cooperative launch itself.  Those need ``bench/gpu_check.sh`` on a GPU.
+Needs g++ and the CUDA toolkit's headers (cuda_fp16.h / cuda_bf16.h); skipped without them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cuda_include():
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", "/usr/local/cuda-13.0"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_bf16.h").is_file():
+            return str(Path(c) / "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    inc = _cuda_include()
+    gxx = shutil.which("g++")
+    if inc is None or gxx is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h)")
+    exe = tmp_path_factory.mktemp("simt") / "run_persistent"
+    cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-DRNN_EXT_SIMT_EMULATION",
+           f"-I{REPO / 'csrc'}", f"-I{REPO / 'tests' / 'simt'}", f"-I{inc}",
+           str(REPO / "tests" / "simt" / "run_persistent.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, "the device code does not compile for the emulation:\n" + res.stderr
+    return exe
+
+
+class Launch:
+    """One emulated launch: named buffers (float32 in, the storage dtype inside) and cells."""
+
+    def __init__(self, kind, dtype, mma, T, B, H, relu=False, ld=None):
+        self.head = dict(kind=kind, dtype=dtype, mma=int(mma), T=T, B=B, H=H, relu=int(relu))
+        if ld is not None:
+            self.head["ld"] = ld
+        self.bufs, self.acc, self.cells = {}, set(), []
+
+    def buffer(self, name, array, acc=False):
+        self.bufs[name] = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        if acc:
+            self.acc.add(name)
+        return name
+
+    def cell(self, **kw):
+        self.cells.append(kw)
+
+    def run(self, exe, tmp):
+        tmp.mkdir(parents=True, exist_ok=True)
+        lines = [f"{k} {v}" for k, v in self.head.items()]
+        for name, arr in self.bufs.items():
+            arr.tofile(tmp / f"{name}.f32")
+            lines.append(f"{'acc' if name in self.acc else 'buffer'} {name} {arr.size}")
+        for c in self.cells:
+            lines.append("cell " + " ".join(f"{k}={'-' if v is None else v}" for k, v in c.items()))
+        (tmp / "spec.txt").write_text("\n".join(lines) + "\n")
+        res = subprocess.run([str(exe), str(tmp)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return {n: np.fromfile(tmp / f"{n}.out.f32", dtype=np.float32) for n in self.bufs}
+
+
+TORCH_DT = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rnd(a, dtype):
+    """Round to the storage dtype (what the driver does on the way in), back to float64."""
+    return torch.from_numpy(np.asarray(a, dtype=np.float64)).to(TORCH_DT[dtype]).double().numpy()
+
+
+def act(z, relu):
+    return np.maximum(z, 0) if relu else np.tanh(z)
+
+
+# tolerance of a float32-accumulated kernel in a given storage dtype, relative to max |ref|
+TOL = {"float": 2e-5, "tf32": 4e-3, "half": 4e-3, "bfloat16": 3e-2}
+
+
+def close(got, want, tol):
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max()) / scale
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
+
+
+# ------------------------------------------------------------------------------------------
+# forward: both directions of one layer (the glue's n == 1 cell table)
+
+FWD_CASES = [
+    # (dtype, mma, T, B, H, relu)
+    ("float", False, 3, 1, 8, False),
+    ("float", False, 4, 5, 8, True),      # wk = 4: two row groups
+    ("float", False, 2, 33, 8, False),    # wk = 1, two passes of 32 rows
+    ("bfloat16", False, 3, 3, 16, False),
+    ("half", False, 3, 9, 16, False),     # wk = 2
+    ("bfloat16", True, 3, 3, 16, False),  # tensor cores
+    ("half", True, 3, 17, 32, True),      # two m-tiles, 2 k-tiles (warps 2-7 idle)
+    ("float", True, 3, 4, 16, False),     # TF32 (k8): 2 k-tiles
+]
+
+
+@pytest.mark.parametrize("dtype,mma,T,B,H,relu", FWD_CASES)
+def test_forward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu):
+    rng = np.random.default_rng(T * 100 + B + H)
+    D, DH = 2, 2 * H
+    P = rnd(rng.standard_normal((T * B, DH)), dtype)      # projections, b_ih folded in
+    W = [rnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype) for _ in range(D)]
+    b = [rnd(rng.standard_normal(H) * 0.1, dtype) for _ in range(D)]
+    h0 = rnd(rng.standard_normal((D, B, H)) * 0.5, dtype)
+    lz = Launch("forward", dtype, mma, T, B, H, relu)
+    lz.buffer("out", P)
+    lz.buffer("h0", h0)
+    lz.buffer("hn", np.zeros((D, B, H)))
+    for d in range(D):
+        lz.buffer(f"w{d}", W[d])
+        lz.buffer(f"b{d}", b[d])
+        lz.cell(w_hh=f"w{d}", b_hh=f"b{d}", h0=f"h0+{d * B * H}", out=f"out+{d * H}", ld=DH,
+                hn=f"hn+{d * B * H}", reverse=d, delay=0)
+    got = lz.run(driver, tmp_path)
+    want = np.zeros((T, B, DH))
+    hn = np.zeros((D, B, H))
+    for d in range(D):
+        h = h0[d]
+        for i in range(T):
+            t = T - 1 - i if d else i
+            h = act(P.reshape(T, B, DH)[t, :, d * H:(d + 1) * H] + b[d] + h @ W[d].T, relu)
+            want[t, :, d * H:(d + 1) * H] = h
+        hn[d] = h
+    tol = TOL["tf32" if (mma and dtype == "float") else dtype]
+    close(got["out"].reshape(T, B, DH), want, tol * math.sqrt(T))
+    close(got["hn"].reshape(D, B, H), hn, tol * math.sqrt(T))
+    # h_n is the output of each direction's last step, stored once: bitwise the same values
+    o = got["out"].reshape(T, B, DH)
+    np.testing.assert_array_equal(got["hn"].reshape(D, B, H)[0], o[T - 1, :, :H])
+    np.testing.assert_array_equal(got["hn"].reshape(D, B, H)[1], o[0, :, H:])
+
+
+# ------------------------------------------------------------------------------------------
+# forward: a layer wavefront (the glue's n > 1 cell table), scratch buffers shared by parity
+
+
+@pytest.mark.parametrize("dtype,mma,L,shared", [
+    ("float", False, 3, False), ("float", False, 4, True), ("bfloat16", True, 3, True),
+])
+def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared):
+    T, B, I = 4, 3, 5
+    H = 16 if mma else 8
+    rng = np.random.default_rng(L * 10 + int(shared))
+    x = rng.standard_normal((T * B, I))
+    Wih = [rnd(rng.standard_normal((H, I if m == 0 else H)) * 0.4, dtype) for m in range(L)]
+    Whh = [rnd(rng.standard_normal((H, H)) * 0.4, dtype) for m in range(L)]
+    bih = [rnd(rng.standard_normal(H) * 0.1, dtype) for m in range(L)]
+    bhh = [rnd(rng.standard_normal(H) * 0.1, dtype) for m in range(L)]
+    h0 = rnd(rng.standard_normal((L, B, H)) * 0.5, dtype)
+
+    def name(m):  # out_of(m) in cuda_glue.cpp
+        if m == L - 1:
+            return "output"
+        return f"scratch{m % 2}" if shared else f"ws{m}"
+
+    lz = Launch("forward", dtype, mma, T, B, H)
+    P0 = rnd(x @ Wih[0].T + bih[0], dtype)  # layer 0's projection GEMM, into its buffer
+    for m in range(L):
+        if name(m) not in lz.bufs:
+            lz.buffer(name(m), P0 if m == 0 else np.full((T * B, H), np.nan))
+    lz.buffer("h0", h0)
+    lz.buffer("hn", np.zeros((L, B, H)))
+    for m in range(L):
+        lz.buffer(f"whh{m}", Whh[m])
+        lz.buffer(f"bhh{m}", bhh[m])
+        kw = dict(w_hh=f"whh{m}", b_hh=f"bhh{m}", h0=f"h0+{m * B * H}", out=name(m), ld=H,
+                  hn=f"hn+{m * B * H}", reverse=0, delay=m)
+        if m > 0:
+            lz.buffer(f"wih{m}", Wih[m])
+            lz.buffer(f"bih{m}", bih[m])
+            kw.update(w_ih=f"wih{m}", b_ih=f"bih{m}", x=name(m - 1), K_in=H, ld_x=H)
+        lz.cell(**kw)
+    if shared and L >= 3:
+        assert name(0) == name(2) or L == 3
+    got = lz.run(driver, tmp_path)
+    inp = x
+    hn = np.zeros((L, B, H))
+    for m in range(L):
+        h = h0[m]
+        outs = []
+        for t in range(T):
+            z = (P0[t * B:(t + 1) * B] if m == 0
+                 else inp[t * B:(t + 1) * B] @ Wih[m].T + bih[m])
+            h = act(z + bhh[m] + h @ Whh[m].T, False)
+            outs.append(h)
+        inp = np.concatenate(outs)
+        hn[m] = h
+    tol = TOL["tf32" if (mma and dtype == "float") else dtype] * 4
+    close(got["output"].reshape(T * B, H), inp, tol)
+    close(got["hn"].reshape(L, B, H), hn, tol)
+
+
+# ------------------------------------------------------------------------------------------
+# backward: BPTT of both directions of one layer, against torch autograd
+
+
+@pytest.mark.parametrize("dtype,mma,T,B,H,relu,with_dy", [
+    ("float", False, 3, 2, 8, False, True),
+    ("float", False, 3, 5, 8, True, True),
+    ("float", False, 2, 3, 8, False, False),
+    ("bfloat16", True, 3, 3, 16, False, True),
+    ("half", False, 2, 4, 16, False, True),
+    ("float", True, 3, 2, 16, False, True),   # TF32
+])
+def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, with_dy):
+    D, DH = 2, 2 * H
+    g = torch.Generator().manual_seed(T * 10 + B + H)
+
+    def r(*shape, s=1.0):
+        return torch.from_numpy(rnd((torch.randn(*shape, generator=g, dtype=torch.float64)
+                                     * s).numpy(), dtype))
+
+    P = r(T, B, DH).requires_grad_()
+    W = r(D, H, H, s=1 / math.sqrt(H))
+    h0 = r(D, B, H, s=0.5).requires_grad_()
+    cols = []
+    hn = []
+    for d in range(D):
+        h = h0[d]
+        seq = {}
+        for i in range(T):
+            t = T - 1 - i if d else i
+            z = P[t, :, d * H:(d + 1) * H] + h @ W[d].T
+            h = torch.relu(z) if relu else torch.tanh(z)
+            seq[t] = h
+        cols.append(torch.stack([seq[t] for t in range(T)]))
+        hn.append(h)
+    out = torch.cat(cols, dim=2)
+    hn = torch.stack(hn)
+    out_r = torch.from_numpy(rnd(out.detach().numpy(), dtype))  # h as stored by the forward
+    go = r(T, B, DH) if with_dy else None
+    gh = r(D, B, H)
+    torch.autograd.backward([out, hn] if with_dy else [hn], [go, gh] if with_dy else [gh])
+
+    lz = Launch("backward", dtype, mma, T, B, H, relu, ld=DH)
+    lz.buffer("h", out_r.numpy())
+    if with_dy:
+        lz.buffer("dy", go.numpy())
+    lz.buffer("dz", np.full((T * B, DH), np.nan))
+    lz.buffer("dh", gh.numpy(), acc=True)
+    for d in range(D):
+        lz.buffer(f"wt{d}", W[d].T.contiguous().numpy())  # W_hh^T, as the glue passes it
+        lz.cell(wt_hh=f"wt{d}", h=f"h+{d * H}", dy=f"dy+{d * H}" if with_dy else None,
+                dz=f"dz+{d * H}", dh=f"dh+{d * B * H}", reverse=d)
+    got = lz.run(driver, tmp_path)
+    tol = TOL["tf32" if (mma and dtype == "float") else dtype] * 2 * math.sqrt(T)
+    # dz = d loss / d (pre-activation) = d loss / d P (P enters the pre-activation as is);
+    # the kernel's act' uses h as stored, so its own rounding is part of dtype's tolerance
+    close(got["dz"].reshape(T, B, DH), P.grad.numpy(), tol)
+    close(got["dh"].reshape(D, B, H), h0.grad.numpy(), tol)
+
+
+# ------------------------------------------------------------------------------------------
+# wide layers on one block: the first block (columns 0..7) runs every step of a layer whose
+# other columns are prefilled with what the other blocks would have written.  Exercises the
+# long k ranges: several warps splitting k (and their cross-warp sum), up to 16 k-tiles per
+# warp on tensor cores, the in-kernel projection's two segments, two passes of rows.
+
+WIDE_FWD = [
+    # (dtype, mma, B, H, project)
+    ("float", False, 3, 264, False),      # wk = 8: warps 0-2 hold k (cross-warp sum)
+    ("float", False, 9, 520, True),       # wk = 2, projection: [x | h] over 1040 columns
+    ("bfloat16", False, 5, 272, True),    # wk = 4, V = 8
+    ("half", False, 40, 64, False),       # wk = 1, two passes
+    ("bfloat16", True, 130, 1024, True),  # 16 k-tiles per warp, two passes (128 + 2 rows)
+    ("half", True, 3, 2048, False),       # 16 k-tiles per warp
+    ("float", True, 20, 512, True),       # TF32: 16 k-tiles per warp
+]
+
+
+@pytest.mark.parametrize("dtype,mma,B,H,project", WIDE_FWD)
+def test_forward_wide_layer_first_block(driver, tmp_path, dtype, mma, B, H, project):
+    T, C = 2, 8  # steps; the block's columns
+    rng = np.random.default_rng(B + H)
+    W = rnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype)
+    b = rnd(rng.standard_normal(H) * 0.1, dtype)
+    h0 = rnd(rng.standard_normal((B, H)) * 0.5, dtype)
+    if project:
+        Wi = rnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype)
+        bi = rnd(rng.standard_normal(H) * 0.1, dtype)
+        X = rnd(rng.standard_normal((T * B, H)), dtype)
+        Z = X @ Wi.T + bi
+    else:
+        Z = rnd(rng.standard_normal((T * B, H)), dtype)  # P_t in the output buffer
+    # the reference for all columns (float64), then the buffer as the other blocks leave it
+    h1 = act(Z[:B] + b + h0 @ W.T, False)
+    h1s = rnd(h1, dtype)  # stored in the storage dtype: what step 1 reads
+    h2 = act(Z[B:] + b + h1s @ W.T, False)
+    out = np.full((T * B, H), np.nan) if project else Z.copy()
+    out[:B, C:] = h1s[:, C:]  # step 0, the other blocks' columns: already h_0
+    lz = Launch("forward", dtype, mma, T, B, H)
+    lz.head["blocks"] = 1
+    lz.buffer("out", out)
+    lz.buffer("h0", h0)
+    lz.buffer("hn", np.zeros((B, H)))
+    lz.buffer("w", W)
+    lz.buffer("b", b)
+    kw = dict(w_hh="w", b_hh="b", h0="h0", out="out", ld=H, hn="hn", reverse=0, delay=0)
+    if project:
+        lz.buffer("x", X)
+        lz.buffer("wi", Wi)
+        lz.buffer("bi", bi)
+        kw.update(w_ih="wi", b_ih="bi", x="x", K_in=H, ld_x=H)
+    lz.cell(**kw)
+    got = lz.run(driver, tmp_path)["out"].reshape(T * B, H)
+    tol = TOL["tf32" if (mma and dtype == "float") else dtype] * 2
+    close(got[:B, :C], h1[:, :C], tol)
+    close(got[B:, :C], h2[:, :C], tol)
+    # the block wrote its own columns only
+    np.testing.assert_array_equal(got[:B, C:], rnd(h1s[:, C:], dtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype,mma,B,H", [
+    ("float", False, 3, 264), ("bfloat16", True, 130, 1024), ("half", False, 9, 272),
+])
+def test_backward_wide_layer_first_block(driver, tmp_path, dtype, mma, B, H):
+    """Two backward super-steps of one direction with one block: step 0's dz of the other
+    columns prefilled, so that the block's product at super-step 1 (and its d h0 at 2) reads
+    a complete row."""
+    T, C = 2, 8
+    rng = np.random.default_rng(B * 3 + H)
+    W = rnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype)
+    h = rnd(np.tanh(rng.standard_normal((T * B, H))), dtype)
+    dy = rnd(rng.standard_normal((T * B, H)), dtype)
+    dh_n = rng.standard_normal((B, H))
+    # forward direction: super-step 0 handles t = 1, then t = 0, then d h0
+    dz1 = rnd((dh_n + dy[B:]) * (1 - h[B:] ** 2), dtype)
+    g0 = dz1 @ W
+    dz0 = (g0 + dy[:B]) * (1 - h[:B] ** 2)
+    dh0 = rnd(dz0, dtype) @ W
+    dz = np.full((T * B, H), np.nan)
+    dz[B:, C:] = dz1[:, C:]  # the other blocks' columns of super-step 0
+    dz[:B, C:] = rnd(dz0[:, C:], dtype)  # ... and of super-step 1 (read at super-step 2)
+    lz = Launch("backward", dtype, mma, T, B, H, ld=H)
+    lz.head["blocks"] = 1
+    lz.buffer("h", h)
+    lz.buffer("dy", dy)
+    lz.buffer("dz", dz)
+    lz.buffer("dh", dh_n, acc=True)
+    lz.buffer("wt", np.ascontiguousarray(W.T))
+    lz.cell(wt_hh="wt", h="h", dy="dy", dz="dz", dh="dh", reverse=0)
+    got = lz.run(driver, tmp_path)
+    tol = TOL["tf32" if (mma and dtype == "float") else dtype] * 2
+    gdz = got["dz"].reshape(T * B, H)
+    close(gdz[B:, :C], dz1[:, :C], tol)
+    close(gdz[:B, :C], dz0[:, :C], tol)
+    close(got["dh"].reshape(B, H)[:, :C], dh0[:, :C], tol)
