@@ -1,13 +1,16 @@
-"""The persistent CUDA kernels' own code, run on the CPU (issue 5).
+"""The CUDA kernels' own code, run on the CPU (issues 4, 5 and 7).
 
-``csrc/cuda/rnn_persistent_device.cuh`` -- the forward and backward kernels with both block
-products (FMA and tensor cores) -- is compiled by g++ with ``tests/simt/simt_emulation.h``,
+``csrc/cuda/rnn_persistent_device.cuh`` -- the persistent forward and backward kernels with
+both block products (FMA and tensor cores) -- and ``csrc/cuda/rnn_kernels.cu`` -- the per-step
+kernels, the row gather and their launchers, whole -- are compiled by g++ with
+``tests/simt/simt_emulation.h``,
 which maps CUDA's built-ins onto host threads: every CUDA thread is a std::thread,
 ``__syncthreads``, warp shuffles and ``grid.sync()`` are barriers, ``mma.sync`` is emulated from
 the PTX ISA's fragment layouts.  ``tests/simt/run_persistent.cpp`` launches one kernel the way
 the launchers in ``rnn_persistent.cu`` would (grid, shared memory, warps per group,
-super-steps); these tests build its buffers the way ``csrc/cuda_glue.cpp`` does and compare the
-results with a float64 reference (and torch autograd for the backward).
+super-steps); ``tests/simt/run_step.cpp`` calls the step launchers themselves.  These tests
+build the buffers the way ``csrc/cuda_glue.cpp`` does and compare the results with a float64
+reference (and torch autograd for the backward).
 
 What this cannot show: timing, the real memory model (the barriers here order everything),
 occupancy and the cooperative launch itself.  Those need ``bench/gpu_check.sh`` on a GPU.
@@ -39,19 +42,28 @@ def _cuda_include():
     return None
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def _build(tmp_path_factory, name):
     inc = _cuda_include()
     gxx = shutil.which("g++")
     if inc is None or gxx is None:
         pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h)")
-    exe = tmp_path_factory.mktemp("simt") / "run_persistent"
+    exe = tmp_path_factory.mktemp("simt") / name
     cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-DRNN_EXT_SIMT_EMULATION",
            f"-I{REPO / 'csrc'}", f"-I{REPO / 'tests' / 'simt'}", f"-I{inc}",
-           str(REPO / "tests" / "simt" / "run_persistent.cpp"), "-o", str(exe)]
+           str(REPO / "tests" / "simt" / f"{name}.cpp"), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, "the device code does not compile for the emulation:\n" + res.stderr
+    assert res.returncode == 0, "the CUDA code does not compile for the emulation:\n" + res.stderr
     return exe
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return _build(tmp_path_factory, "run_persistent")
+
+
+@pytest.fixture(scope="module")
+def step_driver(tmp_path_factory):
+    return _build(tmp_path_factory, "run_step")
 
 
 class Launch:
@@ -103,6 +115,9 @@ TOL = {"float": 2e-5, "tf32": 4e-3, "half": 4e-3, "bfloat16": 3e-2}
 
 
 def close(got, want, tol):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if want.size == 0:
+        return
     scale = max(1.0, float(np.abs(want).max()))
     err = float(np.abs(got - want).max()) / scale
     assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
@@ -375,3 +390,150 @@ def test_backward_wide_layer_first_block(driver, tmp_path, dtype, mma, B, H):
     close(gdz[B:, :C], dz1[:, :C], tol)
     close(gdz[:B, :C], dz0[:, :C], tol)
     close(got["dh"].reshape(B, H)[:, :C], dh0[:, :C], tol)
+
+
+# ------------------------------------------------------------------------------------------
+# the per-step kernels and their launchers (rnn_kernels.cu): what the default CUDA path runs
+
+STEP_DT = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+           "bfloat16": torch.bfloat16}
+STEP_TOL = {"float": 2e-6, "double": 1e-13, "half": 2e-3, "bfloat16": 1.6e-2}
+
+
+def srnd(a, dtype):
+    return torch.from_numpy(np.asarray(a, dtype=np.float64)).to(STEP_DT[dtype]).double().numpy()
+
+
+class StepCall:
+    def __init__(self, kind, dtype):
+        self.lines = [f"kind {kind}", f"dtype {dtype}"]
+        self.bufs, self.acc = {}, set()
+
+    def buffer(self, name, a, acc=False):
+        self.bufs[name] = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
+        if acc:
+            self.acc.add(name)
+
+    def arg(self, **kw):
+        self.lines += [f"arg {k} {int(v)}" for k, v in kw.items()]
+
+    def ptr(self, **kw):
+        self.lines += [f"ptr {k} {'-' if v is None else v}" for k, v in kw.items()]
+
+    def segment(self, dst_row, src_row, rows, src):
+        self.lines.append(f"segment {dst_row} {src_row} {rows} {src}")
+
+    def run(self, exe, tmp):
+        tmp.mkdir(parents=True, exist_ok=True)
+        for n, a in self.bufs.items():
+            a.tofile(tmp / f"{n}.f64")
+            self.lines.append(f"{'acc' if n in self.acc else 'buffer'} {n} {a.size}")
+        (tmp / "spec.txt").write_text("\n".join(self.lines) + "\n")
+        res = subprocess.run([str(exe), str(tmp)], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "0", f"launcher returned cudaError {res.stdout.strip()}"
+        return {n: np.fromfile(tmp / f"{n}.out.f64") for n in self.bufs}
+
+
+@pytest.mark.parametrize("dtype,rows,cont,H,relu,bias", [
+    ("float", 1, 1, 40, False, True),
+    ("float", 9, 9, 40, True, True),      # two row tiles (8 rows each for fp32 accumulation)
+    ("float", 5, 3, 37, False, False),    # H not a multiple of 4: the scalar (VEC=1) path
+    ("double", 6, 2, 20, False, True),    # 4-row tiles, 16 accumulators
+    ("half", 4, 0, 48, False, True),      # every row from h0 (a reverse step)
+    ("bfloat16", 3, 3, 1100, False, True),  # H > 1024: two chunks through shared memory
+])
+def test_step_forward_launcher(step_driver, tmp_path, dtype, rows, cont, H, relu, bias):
+    rng = np.random.default_rng(rows * 7 + H)
+    ld_z, ld_cont, ld_h0 = 2 * H + 3, 2 * H, H  # strides as in a bidirectional layer
+    W = srnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype)
+    b = srnd(rng.standard_normal(H) * 0.1, dtype) if bias else None
+    prev = srnd(rng.standard_normal((max(cont, 1), ld_cont)) * 0.5, dtype)
+    h0 = srnd(rng.standard_normal((rows, ld_h0)) * 0.5, dtype)
+    z = srnd(rng.standard_normal((rows, ld_z)), dtype)
+    c = StepCall("forward_step", dtype)
+    c.buffer("w", W)
+    if bias:
+        c.buffer("b", b)
+    c.buffer("prev", prev)
+    c.buffer("h0", h0)
+    c.buffer("z", z)
+    c.ptr(w_hh="w", b_hh="b" if bias else None, cont_rows="prev", h0="h0", z="z")
+    c.arg(ld_cont=ld_cont, cont=cont, ld_h0=ld_h0, ld_z=ld_z, rows=rows, H=H, relu=relu)
+    got = c.run(step_driver, tmp_path)["z"].reshape(rows, ld_z)
+    hp = np.concatenate([prev[:cont, :H], h0[cont:rows, :H]])
+    want = act(z[:, :H] + (0 if b is None else b) + hp @ W.T, relu)
+    close(got[:, :H], want, STEP_TOL[dtype] * 4)
+    np.testing.assert_array_equal(got[:, H:], z[:, H:])  # nothing past the H columns
+
+
+@pytest.mark.parametrize("dtype,rows_in,rows_next,H,relu,with_dy", [
+    ("float", 0, 4, 24, False, True),     # the first call: pointwise part only
+    ("float", 4, 4, 24, True, True),
+    ("float", 5, 3, 37, False, True),     # reverse ragged: rows 3, 4 keep g in dh
+    ("float", 3, 0, 24, False, False),    # the last call: dh = dz W_hh
+    ("double", 2, 5, 20, False, True),    # rows 2..4 continue from dh
+    ("bfloat16", 6, 6, 1032, False, True),  # two chunks
+])
+def test_step_backward_launcher(step_driver, tmp_path, dtype, rows_in, rows_next, H, relu,
+                                with_dy):
+    rng = np.random.default_rng(rows_in * 11 + rows_next + H)
+    ld = 2 * H
+    rows_out = max(rows_in, rows_next)
+    W = srnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype)
+    dz_in = srnd(rng.standard_normal((max(rows_in, 1), ld)), dtype)
+    dh = rng.standard_normal((rows_out, H)).astype(np.float32 if dtype != "double" else np.float64)
+    dh = dh.astype(np.float64)
+    dy = srnd(rng.standard_normal((max(rows_next, 1), ld)), dtype)
+    h = srnd(np.tanh(rng.standard_normal((max(rows_next, 1), ld))), dtype)
+    dz_next = np.full((max(rows_next, 1), ld), 7.0)
+    c = StepCall("backward_step", dtype)
+    c.buffer("wt", np.ascontiguousarray(W.T))
+    c.buffer("dzi", dz_in)
+    c.buffer("dh", dh, acc=True)
+    c.buffer("dy", dy)
+    c.buffer("h", h)
+    c.buffer("dzn", dz_next)
+    c.ptr(wt_hh="wt", dz_in="dzi", dh="dh", dy_next="dy" if with_dy else None, h_next="h",
+          dz_next="dzn")
+    c.arg(rows_in=rows_in, rows_next=rows_next, ld=ld, H=H, relu=relu)
+    out = c.run(step_driver, tmp_path)
+    g = np.concatenate([dz_in[:rows_in, :H] @ W, dh[rows_in:rows_out]])
+    if rows_next:
+        gg = g[:rows_next] + (dy[:rows_next, :H] if with_dy else 0)
+        hh = h[:rows_next, :H]
+        want = np.where(hh <= 0, 0.0, gg) if relu else gg * (1 - hh * hh)
+        close(out["dzn"].reshape(-1, ld)[:rows_next, :H], want, STEP_TOL[dtype] * 4)
+        np.testing.assert_array_equal(out["dzn"].reshape(-1, ld)[:, H:], 7.0)
+    # rows the next step does not cover keep g in dh; the others are untouched
+    close(out["dh"].reshape(rows_out, H)[rows_next:], g[rows_next:], STEP_TOL[dtype] * 4)
+    np.testing.assert_array_equal(out["dh"].reshape(rows_out, H)[:rows_next], dh[:rows_next])
+
+
+@pytest.mark.parametrize("dtype", ["float", "bfloat16", "double"])
+def test_gather_rows_launcher(step_driver, tmp_path, dtype):
+    """More segments than one launch takes (32), from both sources, with row strides."""
+    rng = np.random.default_rng(5)
+    cols, ld0, ld1, ldd = 7, 9, 8, 10
+    src0 = srnd(rng.standard_normal((100, ld0)), dtype)
+    src1 = srnd(rng.standard_normal((60, ld1)), dtype)
+    dst = np.full((90, ldd), -1.0)
+    c = StepCall("gather_rows", dtype)
+    c.buffer("s0", src0)
+    c.buffer("s1", src1)
+    c.buffer("d", dst)
+    c.ptr(src0="s0", src1="s1", dst="d")
+    c.arg(ld0=ld0, ld1=ld1, ld_dst=ldd, cols=cols)
+    want = dst.copy()
+    segs = [(2 * i, (3 * i) % 97, 1 + i % 2, i % 2) for i in range(40)]  # 40 segments
+    segs.append((85, 0, 0, 0))  # an empty one is skipped
+    for d, s_, n, src in segs:
+        if n == 0:
+            c.segment(d, s_, n, src)
+            continue
+        c.segment(d, s_ if src == 0 else s_ % 58, n, src)
+        srcarr = src0 if src == 0 else src1
+        s2 = s_ if src == 0 else s_ % 58
+        want[d:d + n, :cols] = srcarr[s2:s2 + n, :cols]
+    got = c.run(step_driver, tmp_path)["d"].reshape(90, ldd)
+    np.testing.assert_array_equal(got, want)

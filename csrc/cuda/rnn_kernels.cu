@@ -14,9 +14,14 @@
 //            instead of 5 * kAcc) leaves lane l holding the full sum of accumulator
 //            l >> kShift; lane (a << kShift) then runs the epilogue for (row, column) a.
 // Grid: x = row tiles, y = column tiles.  Any H >= 1 and any row count; 64-bit offsets.
+//
+// With RNN_EXT_SIMT_EMULATION defined, tests/simt/ compiles this file with g++ and runs the
+// kernels (and these launchers) on host threads (tests/test_cuda_emulated.py).
 #include "cuda/rnn_kernels.h"
-#include "cuda/warp_reduce.cuh"
 
+#ifdef RNN_EXT_SIMT_EMULATION
+#include "simt_emulation.h"  // tests/simt/: CUDA's built-ins on host threads
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,6 +29,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+
+#include "cuda/warp_reduce.cuh"
 
 namespace rnn_ext::gpu {
 
@@ -311,6 +319,18 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // Launchers
 
+// kernel<<<grid, block, 0, stream>>>(args...); the emulation runs the blocks one after another
+// on host threads (these kernels never wait for each other's blocks).
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, int block, cudaStream_t stream, A&&... args) {
+#ifdef RNN_EXT_SIMT_EMULATION
+  (void)stream;
+  simt::launch_blocks(grid, static_cast<unsigned>(block), [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+#endif
+}
+
 // Grid for `rows` rows and H columns; false when it does not fit.
 template <typename T>
 bool step_grid(int64_t rows, int64_t H, dim3* grid) {
@@ -341,10 +361,10 @@ cudaError_t forward_step_t(const void* w_hh, const void* b_hh, const void* cont_
   const T* b = static_cast<const T*>(b_hh);
   T* zz = static_cast<T*>(z);
   if (vector_ok<T>(w_hh, H)) {
-    forward_step_kernel<T, Tile<T>::kVec>
-        <<<grid, kThreads, 0, stream>>>(w, b, in, zz, ld_z, rows, H, relu);
+    launch(&forward_step_kernel<T, Tile<T>::kVec>, grid, kThreads, stream, w, b, in, zz, ld_z,
+           rows, H, relu);
   } else {
-    forward_step_kernel<T, 1><<<grid, kThreads, 0, stream>>>(w, b, in, zz, ld_z, rows, H, relu);
+    launch(&forward_step_kernel<T, 1>, grid, kThreads, stream, w, b, in, zz, ld_z, rows, H, relu);
   }
   return cudaGetLastError();
 }
@@ -366,11 +386,11 @@ cudaError_t backward_step_t(const void* wt_hh, const void* dz_in, int64_t rows_i
   const T* h = static_cast<const T*>(h_next);
   T* dz = static_cast<T*>(dz_next);
   if (vector_ok<T>(wt_hh, H)) {
-    backward_step_kernel<T, Tile<T>::kVec><<<grid, kThreads, 0, stream>>>(
-        w, in, dhp, dy, h, dz, ld, rows_next, rows_out, H, relu);
+    launch(&backward_step_kernel<T, Tile<T>::kVec>, grid, kThreads, stream, w, in, dhp, dy, h,
+           dz, ld, rows_next, rows_out, H, relu);
   } else {
-    backward_step_kernel<T, 1><<<grid, kThreads, 0, stream>>>(w, in, dhp, dy, h, dz, ld,
-                                                              rows_next, rows_out, H, relu);
+    launch(&backward_step_kernel<T, 1>, grid, kThreads, stream, w, in, dhp, dy, h, dz, ld,
+           rows_next, rows_out, H, relu);
   }
   return cudaGetLastError();
 }
@@ -393,9 +413,9 @@ cudaError_t gather_rows_t(const void* src0, int64_t ld0, const void* src1, int64
     }
     if (used == 0) continue;
     const int64_t blocks = std::min<int64_t>((most + 255) / 256, 4096);
-    gather_rows_kernel<T><<<dim3(static_cast<unsigned>(blocks), used, 1), 256, 0, stream>>>(
-        static_cast<const T*>(src0), ld0, static_cast<const T*>(src1), ld1, static_cast<T*>(dst),
-        ld_dst, cols, batch);
+    launch(&gather_rows_kernel<T>, dim3(static_cast<unsigned>(blocks), used, 1), 256, stream,
+           static_cast<const T*>(src0), ld0, static_cast<const T*>(src1), ld1,
+           static_cast<T*>(dst), ld_dst, cols, batch);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -26,16 +26,21 @@
 
 #undef __global__
 #undef __device__
+#undef __shared__
 #undef __forceinline__
 #undef __launch_bounds__
 #undef __grid_constant__
 #undef __align__
 #define __global__
 #define __device__
+// A kernel's static __shared__ array becomes a function-local static: shared by the threads of
+// a block, and correct because launch_blocks() runs one block at a time (the persistent
+// kernels, whose blocks must all be resident, use dynamic shared memory only).
+#define __shared__ static
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 namespace simt {
 
@@ -206,7 +211,39 @@ void launch(unsigned grid, unsigned block, size_t smem_bytes, F&& kernel) {
   for (auto& th : threads) th.join();
 }
 
+// A non-cooperative launch: the blocks of `grid` one after another (CUDA promises no order
+// and no concurrency between them), each on `block` host threads.
+template <typename F>
+void launch_blocks(dim3 grid, unsigned block, F&& kernel) {
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block blk(block, 0);
+        std::vector<std::thread> threads;
+        threads.reserve(block);
+        for (unsigned t = 0; t < block; ++t) {
+          threads.emplace_back([&, t] {
+            Ctx& c = ctx();
+            c.thread_idx = {t, 0, 0};
+            c.block_idx = {x, y, z};
+            c.block_dim = {block, 1, 1};
+            c.grid_dim = {grid.x, grid.y, grid.z};
+            c.block = &blk;
+            c.grid = nullptr;
+            kernel();
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+    }
+  }
+}
+
+inline cudaError_t last_error() { return cudaSuccess; }  // emulated launches cannot fail late
+
 }  // namespace simt
+
+#define cudaGetLastError() ::simt::last_error()
 
 #define threadIdx (::simt::ctx().thread_idx)
 #define blockIdx (::simt::ctx().block_idx)
