@@ -17,11 +17,16 @@
 // can be captured in a CUDA graph.  fp16/bf16 stay in their dtype in memory; the kernels
 // accumulate in fp32 (fp64 for double) and cuBLAS accumulates in fp32.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+#ifdef RNN_EXT_SIMT_EMULATION
+// tests/simt/: this file on CPU tensors, with the kernels run on host threads
+#include "glue_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -699,6 +704,7 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   return {grad_input, grad_hx, grad_w};
 }
 
+#ifndef RNN_EXT_SIMT_EMULATION  // (diagnostics that need a real device)
 namespace {
 
 // Diagnostics of the persistent kernels for tests and bench/NOTES.md (CUDA builds only):
@@ -743,5 +749,7 @@ TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
         &cuda_persistent_plan);
   m.def("_cuda_grid_barrier_us(int blocks, int steps) -> float", &cuda_grid_barrier_us);
 }
+
+#endif
 
 }  // namespace rnn_ext

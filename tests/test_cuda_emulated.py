@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -537,3 +538,193 @@ def test_gather_rows_launcher(step_driver, tmp_path, dtype):
         want[d:d + n, :cols] = srcarr[s2:s2 + n, :cols]
     got = c.run(step_driver, tmp_path)["d"].reshape(90, ldd)
     np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------
+# The whole CUDA backend on CPU tensors: csrc/cuda_glue.cpp (rnn_forward_cuda /
+# rnn_backward_cuda: projection GEMMs, cell tables, wavefront chunks, scratch buffers, fallbacks,
+# gathers, weight-gradient GEMMs) compiled with the kernels above, their launches emulated, and
+# the c10::cuda pieces stubbed (tests/simt/glue_emulation.h).  Against rnn_ext.reference in
+# float64, forward and backward.
+
+GLUE_SOURCES = ["tests/simt/glue_module.cpp", "csrc/cuda_glue.cpp", "csrc/common.cpp",
+                "tests/simt/emu_kernels.cpp", "tests/simt/emu_persistent.cpp"]
+
+
+def _load_glue(build_dir, inc):
+    from torch.utils.cpp_extension import load
+
+    return load(name="rnn_ext_cuda_emulated", sources=[str(REPO / s) for s in GLUE_SOURCES],
+                extra_cflags=["-std=c++20", "-O1", "-pthread", "-DRNN_EXT_SIMT_EMULATION",
+                              "-DRNN_EXT_WITH_CUDA"],
+                extra_include_paths=[str(REPO / "csrc"), str(REPO / "tests" / "simt"), inc],
+                extra_ldflags=["-pthread"], build_directory=str(build_dir), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory):
+    inc = _cuda_include()
+    if inc is None or shutil.which("g++") is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (cuda_fp16.h, cuda_bf16.h)")
+    build = tmp_path_factory.mktemp("glue")
+    mod = _load_glue(build, inc)
+    mod.build_dir, mod.inc = build, inc
+    prev = mod.set_kernel("step")
+    yield mod
+    mod.set_kernel(prev)
+
+
+GLUE_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 4e-2,
+            torch.float16: 5e-3}
+GLUE_CASES = [
+    # (kernel, dtype, T, B, I, H, L, bi, relu, bias, lengths, dropout, need_grad,
+    #  expected forward kernel, wavefront layers, variant)
+    ("step", torch.float32, 4, 3, 5, 16, 2, True, False, True, None, 0.0, True,
+     "step", 0, "none"),
+    ("persistent", torch.float32, 4, 3, 5, 16, 3, False, False, True, None, 0.0, True,
+     "persistent", 3, "fma"),
+    ("persistent", torch.float32, 4, 3, 5, 16, 4, False, True, False, None, 0.0, False,
+     "persistent", 4, "fma"),  # no grad: layers 0 and 2 share a scratch buffer
+    ("persistent", torch.float32, 4, 3, 5, 16, 2, True, False, True, None, 0.0, True,
+     "persistent", 1, "fma"),
+    ("persistent", torch.bfloat16, 3, 2, 4, 16, 2, True, False, True, None, 0.0, True,
+     "persistent", 1, "mma"),
+    ("persistent", torch.float16, 3, 2, 4, 16, 3, False, False, True, None, 0.0, True,
+     "persistent", 3, "mma"),
+    ("persistent_fma", torch.bfloat16, 3, 2, 4, 16, 2, False, False, True, None, 0.0, True,
+     "persistent", 2, "fma"),
+    ("persistent", torch.float32, 4, 3, 5, 16, 2, True, False, True, [4, 4, 4], 0.0, True,
+     "persistent", 1, "fma"),  # packed, equal lengths: a uniform batch
+    ("persistent", torch.float32, 5, 3, 5, 16, 2, True, False, True, [5, 3, 2], 0.0, True,
+     "step", 0, "none"),  # ragged packed: the step path
+    ("persistent", torch.float32, 4, 3, 5, 16, 3, False, False, True, None, 0.5, True,
+     "persistent", 1, "fma"),  # dropout: one launch per layer, the noise between
+    ("persistent", torch.float64, 3, 2, 4, 16, 2, False, False, True, None, 0.0, True,
+     "step", 0, "none"),  # fp64: the step path
+    ("persistent", torch.float32, 3, 2, 4, 6, 2, False, False, True, None, 0.0, True,
+     "step", 0, "none"),  # H not a multiple of 4: the step path
+    ("auto", torch.float32, 3, 2, 4, 16, 2, False, False, True, None, 0.0, True,
+     "persistent", 2, "fma"),
+]
+
+
+def _glue_ids(c):
+    return "-".join(str(v).replace("torch.", "") for v in c[:13]).replace(" ", "")
+
+
+@pytest.mark.parametrize("case", GLUE_CASES, ids=_glue_ids)
+def test_cuda_backend_end_to_end(glue, case):
+    import rnn_ext.reference as reference
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    (kernel, dtype, T, B, I, H, L, bi, relu, bias, lengths, p, need_grad,
+     want_kernel, want_wave, want_variant) = case
+    D = 2 if bi else 1
+    torch.manual_seed(T * 100 + L * 10 + H)
+    mod = torch.nn.RNN(I, H, L, nonlinearity="relu" if relu else "tanh", bias=bias,
+                       bidirectional=bi, dtype=torch.float64)
+    w = [t.detach().to(dtype) for t in mod._flat_weights]
+    x = torch.randn(T, B, I, dtype=torch.float64).to(dtype)
+    h0 = (0.5 * torch.randn(L * D, B, H, dtype=torch.float64)).to(dtype)
+    if lengths is None:
+        data, bs = x.reshape(T * B, I), None
+        ref_bs = torch.full((T,), B, dtype=torch.int64)
+    else:
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+        data, bs = packed.data, packed.batch_sizes
+        ref_bs = bs
+    inp = x if lengths is None else data
+    glue.set_kernel(kernel)
+    out, hy, ws, noise = glue.forward(inp, h0, w, bs, bias, L, bi, relu, p, p > 0, need_grad)
+    assert glue.kernel_used("forward") == want_kernel
+    assert glue.wavefront_layers() == want_wave
+    assert glue.variant("forward") == want_variant
+    masks = None
+    if p > 0:
+        assert noise.shape == (L - 1, data.shape[0], D * H)
+        masks = [noise[m].double() for m in range(L - 1)]
+        kept = (noise != 0).double().mean().item()
+        assert 0.3 < kept < 0.7  # p = 0.5
+    # the reference, in float64 from the same (rounded) values, differentiable
+    def leaf(t):  # a float64 copy (never the glue's own tensor, even when that is float64)
+        return t.detach().to(torch.float64, copy=True).requires_grad_()
+
+    wd = [leaf(t) for t in w]
+    xd, hd = leaf(data), leaf(h0)
+    ro, rh = reference.rnn_packed_data(xd, ref_bs, hd, wd, num_layers=L, bidirectional=bi,
+                                       relu=relu, dropout_masks=masks)
+    tol = GLUE_TOL[dtype] * (L + 1)
+    close(out.double().reshape(ro.shape).numpy(), ro.detach().numpy(), tol)
+    close(hy.double().numpy(), rh.detach().numpy(), tol)
+    if not need_grad:
+        assert ws.numel() == 0
+        return
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(ro.shape, generator=g, dtype=torch.float64)
+    gh = torch.randn(rh.shape, generator=g, dtype=torch.float64)
+    torch.autograd.backward([ro, rh], [go, gh])
+    gi, ghx, gw = glue.backward(inp, h0, w, bs, out, ws, noise, go.to(dtype).reshape(out.shape),
+                                gh.to(dtype), bias, L, bi, relu, [True, True, True])
+    want_bwd = "step" if want_kernel == "step" else "persistent"
+    assert glue.kernel_used("backward") == want_bwd
+    assert glue.variant("backward") == ("none" if want_bwd == "step" else want_variant)
+    close(gi.double().reshape(xd.shape).numpy(), xd.grad.numpy(), tol * 2)
+    close(ghx.double().numpy(), hd.grad.numpy(), tol * 2)
+    for a, r in zip(gw, wd):
+        close(a.double().numpy(), r.grad.numpy(), tol * 4)
+
+
+def test_cuda_backend_tf32_runs_on_tensor_cores(glue):
+    """float32 goes to the tensor-core variant only when torch allows TF32 matmuls."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.manual_seed(3)
+        mod = torch.nn.RNN(4, 16, 2)
+        w = [t.detach() for t in mod._flat_weights]
+        x, h0 = torch.randn(3, 2, 4), torch.randn(2, 2, 16)
+        glue.set_kernel("persistent")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out, hy, _, _ = glue.forward(x, h0, w, None, True, 2, False, False, 0.0, False, False)
+        assert glue.variant("forward") == "mma"
+        with torch.no_grad():
+            ro, rh = mod(x, h0)
+        close(out.numpy(), ro.numpy(), 5e-3)  # TF32: 10-bit mantissas
+        torch.backends.cuda.matmul.allow_tf32 = False
+        glue.forward(x, h0, w, None, True, 2, False, False, 0.0, False, False)
+        assert glue.variant("forward") == "fma"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+        glue.set_kernel("step")
+
+
+def test_cuda_backend_coresidency_limits(glue):
+    """On a device with 1 SM (2 resident blocks of 256 threads): a 16-column cell (2 blocks)
+    runs persistent one layer per launch (no room for a wavefront), a bidirectional layer (4
+    blocks) falls back to the step path.  (SIMT_SMS is read once per process: a subprocess.)"""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import test_cuda_emulated as t
+from pathlib import Path
+m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
+m.set_kernel("persistent")
+rnn = torch.nn.RNN(4, 16, 3)
+w = [p.detach() for p in rnn._flat_weights]
+x = torch.randn(3, 2, 4)
+out, hy, _, _ = m.forward(x, torch.zeros(3, 2, 16), w, None, True, 3, False, False, 0.0, False, False)
+with torch.no_grad():
+    ref, _ = rnn(x)
+print(m.kernel_used("forward"), m.wavefront_layers(), float((out - ref).abs().max()))
+bi = torch.nn.RNN(4, 16, 1, bidirectional=True)
+wb = [p.detach() for p in bi._flat_weights]
+m.forward(x, torch.zeros(2, 2, 16), wb, None, True, 1, True, False, 0.0, False, False)
+print(m.kernel_used("forward"))
+"""
+    env = dict(os.environ, SIMT_SMS="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=str(REPO))
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = res.stdout.split("\n")[-3:-1]
+    kernel, wave, err = first.split()
+    assert (kernel, wave) == ("persistent", "1") and float(err) < 1e-5
+    assert second == "step"

@@ -94,10 +94,20 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 // The cooperative launch of a feasible plan; a launch refused for size (occupancy said yes,
 // the launch no, e.g. another context holds SMs) enqueues nothing and reports kCoResidency.
-cudaError_t launch(const void* kernel, const PersistentPlan& plan, void* params,
+// (The emulation in tests/simt/ runs the grid on host threads instead.)
+template <typename Params>
+cudaError_t launch(void (*kernel)(Params), const PersistentPlan& plan, Params& params,
                    cudaStream_t stream, PersistentStatus* status) {
-  void* kargs[] = {params};
-  cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), kargs,
+#ifdef RNN_EXT_SIMT_EMULATION
+  (void)stream;
+  simt::launch(static_cast<unsigned>(plan.blocks), kThreads, static_cast<size_t>(plan.smem_bytes),
+               [&] { kernel(params); });
+  *status = PersistentStatus::kLaunched;
+  return cudaSuccess;
+#else
+  void* kargs[] = {&params};
+  cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                                dim3(plan.blocks), dim3(kThreads), kargs,
                                                 static_cast<size_t>(plan.smem_bytes), stream);
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();
@@ -106,6 +116,7 @@ cudaError_t launch(const void* kernel, const PersistentPlan& plan, void* params,
   }
   *status = err == cudaSuccess ? PersistentStatus::kLaunched : PersistentStatus::kCoResidency;
   return err;
+#endif
 }
 
 template <typename T>
@@ -142,7 +153,8 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-  return launch(kernel_of<T>(false, plan.mma), plan, &prm, stream, status);
+  return launch(plan.mma ? &persistent_forward_kernel<T, true> : &persistent_forward_kernel<T, false>,
+                plan, prm, stream, status);
 }
 
 template <typename T>
@@ -172,7 +184,9 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B)};
-  return launch(kernel_of<T>(true, plan.mma), plan, &prm, stream, status);
+  return launch(plan.mma ? &persistent_backward_kernel<T, true>
+                         : &persistent_backward_kernel<T, false>,
+                plan, prm, stream, status);
 }
 
 template <typename F>
@@ -235,6 +249,10 @@ cudaError_t grid_barrier_benchmark(int blocks, int64_t steps, cudaStream_t strea
                                    double* us_per_sync) {
   *us_per_sync = 0;
   if (blocks <= 0 || steps <= 0) return cudaErrorInvalidValue;
+#ifdef RNN_EXT_SIMT_EMULATION
+  (void)stream;
+  return cudaErrorNotSupported;  // a timing: nothing to emulate
+#else
   cudaEvent_t e0, e1;
   cudaError_t err = cudaEventCreate(&e0);
   if (err != cudaSuccess) return err;
@@ -260,6 +278,7 @@ cudaError_t grid_barrier_benchmark(int blocks, int64_t steps, cudaStream_t strea
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   return err;
+#endif
 }
 
 }  // namespace rnn_ext::gpu

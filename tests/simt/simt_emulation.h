@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <vector_types.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -241,9 +242,59 @@ void launch_blocks(dim3 grid, unsigned block, F&& kernel) {
 
 inline cudaError_t last_error() { return cudaSuccess; }  // emulated launches cannot fail late
 
+// The device the launchers' feasibility queries see: an H100 SXM / H200 by default (132 SMs,
+// 227 KiB opt-in shared memory per block, 228 KiB per SM, 64 K registers per SM, sm_90).
+// SIMT_SMS overrides the SM count, so that tests can make co-residency bind.
+struct Device {
+  int sms = 132, optin = 227 * 1024, smem_per_sm = 228 * 1024, major = 9, coop = 1;
+  int regs_per_thread = 128;  // what ptxas reports for the persistent kernels (NOTES.md)
+};
+inline Device& device() {
+  static Device d = [] {
+    Device v;
+    if (const char* e = std::getenv("SIMT_SMS")) v.sms = std::atoi(e);
+    return v;
+  }();
+  return d;
+}
+inline cudaError_t get_device(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t device_get_attribute(int* v, cudaDeviceAttr attr, int /*dev*/) {
+  const Device& d = device();
+  switch (attr) {
+    case cudaDevAttrCooperativeLaunch: *v = d.coop; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = d.optin; break;
+    case cudaDevAttrMultiProcessorCount: *v = d.sms; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = d.major; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+inline cudaError_t func_get_attributes(cudaFuncAttributes* fa, const void* /*kernel*/) {
+  *fa = cudaFuncAttributes{};
+  fa->numRegs = device().regs_per_thread;
+  fa->maxDynamicSharedSizeBytes = 48 * 1024;
+  return cudaSuccess;
+}
+inline cudaError_t func_set_attribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t occupancy(int* n, const void* /*kernel*/, int threads, size_t smem) {
+  const Device& d = device();
+  const int by_regs = 65536 / (d.regs_per_thread * threads);
+  const int by_smem = d.smem_per_sm / static_cast<int>(smem + 1024);  // + 1 KiB reserved per block
+  *n = std::min(by_regs, by_smem);
+  return cudaSuccess;
+}
+
 }  // namespace simt
 
 #define cudaGetLastError() ::simt::last_error()
+#define cudaGetDevice(...) ::simt::get_device(__VA_ARGS__)
+#define cudaDeviceGetAttribute(...) ::simt::device_get_attribute(__VA_ARGS__)
+#define cudaFuncGetAttributes(...) ::simt::func_get_attributes(__VA_ARGS__)
+#define cudaFuncSetAttribute(...) ::simt::func_set_attribute(__VA_ARGS__)
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor(...) ::simt::occupancy(__VA_ARGS__)
 
 #define threadIdx (::simt::ctx().thread_idx)
 #define blockIdx (::simt::ctx().block_idx)

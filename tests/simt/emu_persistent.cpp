@@ -1,0 +1,2 @@
+// The persistent kernels and launchers, compiled for the emulation (see simt_emulation.h).
+#include "../../csrc/cuda/rnn_persistent.cu"

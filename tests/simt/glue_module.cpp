@@ -1,0 +1,41 @@
+// csrc/cuda_glue.cpp's entry points as a Python module, for running the whole CUDA backend --
+// glue and kernels -- on CPU tensors (tests/test_cuda_emulated.py).  Test-only.
+#include <torch/extension.h>
+
+#include "rnn_ext.h"
+
+namespace rnn_ext {
+std::string set_cuda_kernel_mode(const std::string& name);
+std::string last_cuda_kernel_used(const std::string& phase);
+int64_t set_cuda_wavefront_max(int64_t layers);
+int64_t last_cuda_wavefront_layers();
+std::string last_cuda_persistent_variant(const std::string& phase);
+}  // namespace rnn_ext
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", [](const at::Tensor& input, const at::Tensor& hx,
+                      const std::vector<at::Tensor>& weights,
+                      const std::optional<at::Tensor>& batch_sizes, bool has_biases,
+                      int64_t num_layers, bool bidirectional, bool relu, double dropout,
+                      bool train, bool need_grad) {
+    return rnn_ext::rnn_forward_cuda(input, hx, weights, batch_sizes, has_biases, num_layers,
+                                     bidirectional, relu, dropout, train, need_grad);
+  });
+  m.def("backward", [](const at::Tensor& input, const at::Tensor& hx,
+                       const std::vector<at::Tensor>& weights,
+                       const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+                       const at::Tensor& workspace, const at::Tensor& noise,
+                       const std::optional<at::Tensor>& grad_output,
+                       const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                       int64_t num_layers, bool bidirectional, bool relu,
+                       std::vector<bool> mask) {
+    return rnn_ext::rnn_backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise,
+                                      grad_output, grad_hy, has_biases, num_layers,
+                                      bidirectional, relu, {mask[0], mask[1], mask[2]});
+  });
+  m.def("set_kernel", &rnn_ext::set_cuda_kernel_mode);
+  m.def("kernel_used", &rnn_ext::last_cuda_kernel_used);
+  m.def("set_wavefront", &rnn_ext::set_cuda_wavefront_max);
+  m.def("wavefront_layers", &rnn_ext::last_cuda_wavefront_layers);
+  m.def("variant", &rnn_ext::last_cuda_persistent_variant);
+}
