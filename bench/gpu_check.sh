@@ -288,7 +288,8 @@ fi
 # 6. the rest of the suite with what is left of the budget (not gating)
 if [ "${RC[build]}" = 0 ]; then
   run_stage other_tests 120 "$OUT/tests.log" \
-    "$PY" -m pytest -x -q tests --ignore=tests/test_cuda.py -p no:cacheprovider --junitxml="$OUT/tests.xml"
+    "$PY" -m pytest -x -q tests --ignore=tests/test_cuda.py --ignore=tests/test_cuda_emulated.py \
+    -p no:cacheprovider --junitxml="$OUT/tests.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------
