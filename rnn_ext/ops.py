@@ -150,20 +150,21 @@ _C.set_differentiable_backward(_differentiable_backward)
 
 
 def _backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
-    return _gradients(ctx, ctx.needs_input_grad, grad_output, grad_hy) + (None,) * 8
+    return _gradients(ctx.saved_tensors, ctx.config, ctx.needs_input_grad, grad_output,
+                      grad_hy) + (None,) * 8
 
 
-def _gradients(ctx, needs, grad_output, grad_hy):
-    """(grad_input, grad_hx, [grad of each weight]) for the forward saved in ctx; needs is
+def _gradients(saved, config, needs, grad_output, grad_hy):
+    """(grad_input, grad_hx, [grad of each weight]) for a forward that saved
+    (input, hx, batch_sizes, output, workspace, noise, *weights); needs is
     (input?, hx?, [weight?, ...])."""
-    saved = ctx.saved_tensors
     input, hx, batch_sizes, out, ws, noise, *weights = saved
     need_w = [bool(n) for n in needs[2]]
     if grad_output is None and grad_hy is None:
         return None, None, [None] * len(weights)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _differentiable_backward(saved, ctx.config, needs, grad_output, grad_hy)
-    has_biases, num_layers, bidirectional, relu = ctx.config
+        return _differentiable_backward(saved, config, needs, grad_output, grad_hy)
+    has_biases, num_layers, bidirectional, relu = config
     gi, ghx, gw = rnn_backward(
         input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
         num_layers, bidirectional, relu, [bool(needs[0]), bool(needs[1]), any(need_w)],
@@ -176,6 +177,81 @@ def _gradients(ctx, needs, grad_output, grad_hy):
 
 
 torch.library.register_autograd("rnn_ext::rnn_forward", _backward, setup_context=_setup_context)
+
+
+class _FuncRNN(torch.autograd.Function):
+    """The op's autograd again, as an autograd.Function with a separate setup_context: the one
+    torch.library generates from register_autograd has none, and torch.func transforms refuse
+    it (pytorch/pytorch#168393, #170834).  Used only under torch.func (grad, grad_and_value,
+    vjp, functional_call, vmap); same saved tensors and backward as the registered autograd.
+    vmap runs the stack once per vmapped entry (the kernels have no batching rule of their
+    own), which covers batched inputs, states and weights (model ensembles) alike."""
+
+    @staticmethod
+    def forward(input, hx, batch_sizes, config, *weights):
+        has_biases, num_layers, bidirectional, relu, dropout, train = config
+        return rnn_forward(input, hx, list(weights), batch_sizes, has_biases, num_layers,
+                           bidirectional, relu, dropout, train, True)
+
+    @staticmethod
+    def vmap(info, in_dims, input, hx, batch_sizes, config, *weights):
+        args = (input, hx, batch_sizes, config, *weights)
+        outs = []
+        for v in range(info.batch_size):
+            sliced = [a.select(d, v) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
+            outs.append(_FuncRNN.apply(*sliced))
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, hx, batch_sizes, config, *weights = inputs
+        out, _hy, ws, noise = output
+        ctx.mark_non_differentiable(ws, noise)
+        ctx.set_materialize_grads(False)
+        ctx.config = tuple(config[:4])
+        # batch_sizes (a CPU int64 tensor, never differentiated) stays a plain attribute:
+        # saved tensors come back as functorch wrappers, which have no data to read sizes from
+        ctx.batch_sizes = batch_sizes
+        ctx.save_for_backward(input, hx, out, ws, noise, *weights)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
+        n = ctx.needs_input_grad
+        needs = (n[0], n[1], n[4:])
+        input, hx, *rest = ctx.saved_tensors
+        saved = (input, hx, ctx.batch_sizes, *rest)
+        if torch.is_grad_enabled() and (grad_output is not None or grad_hy is not None):
+            # a transform may differentiate this backward again: torch.func.vjp of the
+            # reference (plain PyTorch), which composes with the surrounding levels
+            gi, ghx, gw = _func_vjp_backward(saved, ctx.config, needs, grad_output, grad_hy)
+        else:
+            gi, ghx, gw = _gradients(saved, ctx.config, needs, grad_output, grad_hy)
+        return (gi, ghx, None, None, *gw)
+
+
+def _func_vjp_backward(saved, config, needs, grad_output, grad_hy):
+    """_differentiable_backward for torch.func: the same recomputation with rnn_ext.reference
+    and the same noise, differentiated with torch.func.vjp instead of torch.autograd.grad."""
+    input, hx, batch_sizes, _out, _ws, noise, *weights = saved
+    _has_biases, num_layers, bidirectional, relu = config
+    masks = list(noise.unbind(0)) if noise.numel() > 0 else None
+    if masks is not None and batch_sizes is None:
+        masks = [m.view(input.shape[0], input.shape[1], m.shape[-1]) for m in masks]
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
+
+    def f(input, hx, *weights):
+        if batch_sizes is None:
+            out, hy = reference.rnn(input, hx, weights, **kw)
+        else:
+            out, hy = reference.rnn_packed_data(input, batch_sizes, hx, weights, **kw)
+        return out, hy
+
+    (out, hy), pullback = torch.func.vjp(f, input, hx, *weights)
+    go = torch.zeros_like(out) if grad_output is None else grad_output
+    gh = torch.zeros_like(hy) if grad_hy is None else grad_hy
+    gi, ghx, *gw = pullback((go, gh))
+    return (gi if needs[0] else None, ghx if needs[1] else None,
+            [g if nd else None for g, nd in zip(gw, needs[2])])
 
 
 def rnn(
@@ -194,9 +270,16 @@ def rnn(
     """Functional form: output and h_n of the stack, like ``torch._VF.rnn_tanh``/``rnn_relu``
     (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's)."""
     dropout = float(dropout)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        # traced (torch.compile, export) or under torch.func transforms: the op, with the
-        # autograd registered for it above
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        # under torch.func transforms: the op through _FuncRNN (same autograd, with the
+        # setup_context functorch requires)
+        out, hy, _ws, _noise = _FuncRNN.apply(
+            input, hx, batch_sizes,
+            (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout, bool(train)),
+            *weights)
+        return out, hy
+    if torch.compiler.is_compiling():
+        # traced (torch.compile, export): the op, with the autograd registered for it above
         weights = list(weights)
         need_grad = torch.is_grad_enabled() and (
             input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)

@@ -670,6 +670,94 @@ def test_to_cuda_and_back():
     _check_same_function(ref, ext_c.cpu())
 
 
+@pytest.mark.parametrize("packed,dropout", [(False, 0.0), (True, 0.0), (False, 0.5)],
+                         ids=["dense", "packed", "dropout"])
+def test_torch_func_grad_and_vjp(packed, dropout):
+    """torch.func.grad / grad_and_value / vjp over rnn_ext (through functional_call), first and
+    second order, give what plain autograd gives for torch.nn.RNN.  (torch.library's generated
+    autograd has no setup_context, which torch.func refuses -- pytorch/pytorch#168393 -- so
+    rnn_ext routes torch.func through its own autograd.Function.  torch.nn.RNN itself fails
+    under torch.func with packed input, hence plain autograd for the reference.)  With dropout
+    both draw their noise from the same generator state."""
+    from torch.func import functional_call, grad, grad_and_value, vjp
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    ref, ext = _pair(3, 4, num_layers=2, bidirectional=True, dropout=dropout)
+    ref.train(), ext.train()
+    x = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(4))
+
+    def run(m, params, xx):
+        inp = pack_padded_sequence(xx, torch.tensor([5, 4, 2])) if packed else xx
+        out, h = functional_call(m, params, (inp,))
+        return (out.data if packed else out), h
+
+    def loss(m, params, xx):
+        out, h = run(m, params, xx)
+        return (out ** 2).sum() + h.sum()
+
+    # rnn_ext under torch.func.  With packed input only the parameters' gradients: torch's own
+    # pack_padded_sequence backward reads batch_sizes' data, which torch.func wraps.
+    argnums = 0 if packed else (0, 1)
+    pe = {n: p.detach() for n, p in ext.named_parameters()}
+    torch.manual_seed(11)
+    g_e, v_e = grad_and_value(lambda p, xx: loss(ext, p, xx), argnums=argnums)(pe, x)
+    if packed:
+        g_e = (g_e,)
+    # torch.nn.RNN under plain autograd
+    pr = {n: p.detach().clone().requires_grad_() for n, p in ref.named_parameters()}
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(11)
+    v_r = loss(ref, pr, xr)
+    gr = torch.autograd.grad(v_r, list(pr.values()) + [xr])
+    torch.testing.assert_close(v_e, v_r.detach(), **TOL32)
+    for (n, _), g in zip(pr.items(), gr[:-1]):
+        torch.testing.assert_close(g_e[0][n], g, **TOL32, msg=lambda s: f"{n}: {s}")
+    if packed:
+        return
+    torch.testing.assert_close(g_e[1], gr[-1], **TOL32)
+    # vjp w.r.t. the input, and the gradient of a gradient (second order)
+    torch.manual_seed(11)
+    out, fn = vjp(lambda xx: run(ext, pe, xx)[0], x)
+    (vj_e,) = fn(torch.ones_like(out))
+    torch.manual_seed(11)
+    gg_e = grad(lambda xx: grad(lambda x2: loss(ext, pe, x2))(xx).pow(2).sum())(x)
+    torch.manual_seed(11)
+    out_r = run(ref, pr, xr)[0]
+    (vj_r,) = torch.autograd.grad(out_r, xr, torch.ones_like(out_r))
+    torch.manual_seed(11)
+    (gx,) = torch.autograd.grad(loss(ref, pr, xr), xr, create_graph=True)
+    (gg_r,) = torch.autograd.grad(gx.pow(2).sum(), xr)
+    torch.testing.assert_close(vj_e, vj_r, **TOL32)
+    torch.testing.assert_close(gg_e, gg_r, **TOL32)
+
+
+def test_torch_func_vmap_per_sample_grads_and_ensembles():
+    """torch.func.vmap over rnn_ext: batched inputs, per-sample gradients (vmap of grad), and
+    a model ensemble (vmap over stacked weights), against torch.nn.RNN in a Python loop."""
+    from torch.func import functional_call, grad, vmap
+
+    ref, ext = _pair(3, 4, num_layers=2)
+    x = torch.randn(6, 5, 1, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(vmap(lambda xx: ext(xx)[0])(x),
+                               torch.stack([ref(x[i])[0] for i in range(6)]), **TOL32)
+
+    def loss(m, p, xx):
+        out, h = functional_call(m, p, (xx,))
+        return (out ** 2).sum() + h.sum()
+
+    pe = {n: p.detach() for n, p in ext.named_parameters()}
+    per_sample = vmap(grad(lambda p, xx: loss(ext, p, xx)), in_dims=(None, 0))(pe, x)
+    for i in range(6):
+        q = {n: p.detach().clone().requires_grad_() for n, p in ref.named_parameters()}
+        for (n, _), g in zip(q.items(), torch.autograd.grad(loss(ref, q, x[i]), list(q.values()))):
+            torch.testing.assert_close(per_sample[n][i], g, **TOL32)
+    stacked = {n: torch.stack([p + 0.01 * i for i in range(3)]) for n, p in pe.items()}
+    got = vmap(lambda p: functional_call(ext, p, (x[0],))[0])(stacked)
+    want = torch.stack([functional_call(ref, {n: stacked[n][i] for n in stacked}, (x[0],))[0]
+                        for i in range(3)])
+    torch.testing.assert_close(got, want, **TOL32)
+
+
 def test_functional_call():
     """torch.func.functional_call with replacement parameters (and with a subset of them),
     including gradients w.r.t. the supplied tensors."""
