@@ -166,8 +166,12 @@ SAN=$(command -v compute-sanitizer || true)
   && SAN="$CUDA_HOME/bin/compute-sanitizer"
 [ -z "$SAN" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SAN=/usr/local/cuda/bin/compute-sanitizer
 if [ "${RC[build]}" = 0 ]; then
-  run_stage persistent_tests 120 "$OUT/persistent_tests.log" \
+  # all of tests/test_cuda_persistent.py but the fp16 and B=32 thirds of the parity grid
+  # (128 of its 288 cases remain; a dry run of the grid's Python on a CPU took 150 s): those run in
+  # stage 6 with the rest of the suite
+  run_stage persistent_tests 150 "$OUT/persistent_tests.log" \
     "$PY" -m pytest tests/test_cuda_persistent.py -q -rs -s -p no:cacheprovider \
+    -k "not (test_persistent_parity and (-torch.float16] or B32))" \
     --junitxml="$OUT/persistent_tests.xml"
   # issue 5's grid: T=512, L=2, I=H, B in {1,8,32,128}, H in {256,512,1024}, fp32 and bf16,
   # forward and training; rnn_ext (persistent: wavefront forward, persistent backward) and
