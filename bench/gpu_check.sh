@@ -189,6 +189,9 @@ if [ "${RC[build]}" = 0 ]; then
     env RNN_EXT_CUDA_KERNEL=persistent_fma "$PY" bench/bench.py --device cuda --grid "$PGRID" \
     --dtypes bfloat16 --modes fwd,train --contenders rnn_ext --repeats 5 --warmup 2 \
     --min-sample-ms 5 --out "$OUT" --name fma_variant --no-plots --no-progress
+  # issue 5's targets from that run -> OUTDIR/issue5_summary.json
+  [ -f "$OUT/persistent_fwd.cudnn.json" ] && "$PY" bench/issue5_summary.py "$OUT" \
+    > "$OUT/issue5_summary.log" 2>&1
   run_stage step_bench 40 "$OUT/step_bench.log" \
     env RNN_EXT_CUDA_KERNEL=step "$PY" bench/bench.py --device cuda --grid "$PGRID" \
     --dtypes float32,bfloat16 --modes fwd --contenders rnn_ext --repeats 5 --warmup 2 \

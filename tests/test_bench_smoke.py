@@ -63,3 +63,38 @@ def test_bench_smoke(tmp_path):
         assert p.exists() and p.stat().st_size > 1000
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_issue5_summary_from_a_gpu_check_run(tmp_path):
+    """bench/issue5_summary.py turns a gpu_check run's issue-5 JSON and barrier log into the
+    issue's target checks (here on made-up numbers)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "issue5_summary", os.path.join(os.path.dirname(__file__), "..", "bench", "issue5_summary.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = []
+    for B, fwd_x, train_x in ((1, 3.0, 2.0), (8, 2.5, 1.8), (128, 1.2, 0.85)):
+        for mode, x in (("fwd", fwd_x), ("train", train_x)):
+            rows.append(dict(mode=mode, dtype="bfloat16", T=512, B=B, I=256, H=256, L=2,
+                             rnn_ext_ms=1.0, cudnn_ms=x))
+    (tmp_path / "persistent_fwd.cudnn.json").write_text(json.dumps(
+        dict(device="NVIDIA H100", torch="2.11", cudnn=91000, rows=rows)))
+    (tmp_path / "persistent_tests.log").write_text(
+        "grid barrier: 32 blocks x 256 threads: 0.80 us per grid.sync()\n"
+        "grid barrier: 264 blocks x 256 threads: 1.25 us per grid.sync()\n")
+    res = mod.main(str(tmp_path))
+    fwd, train = res["modes"]["fwd"], res["modes"]["train"]
+    assert abs(fwd["geomean_speedup"] - (3.0 * 2.5 * 1.2) ** (1 / 3)) < 1e-9
+    assert train["min_speedup"] == 0.85 and train["min_point"]["B"] == 128
+    assert res["grid_barrier_us"] == {32: 0.8, 264: 1.25}
+    # 1 ms over 512 * 2 layer-steps = 0.977 us per layer-step, vs the 1.25 us barrier
+    assert abs(res["max_ratio_to_barrier"] - 1000.0 / 1024 / 1.25) < 1e-9
+    # fwd geomean (3 * 2.5 * 1.2) ** (1/3) = 2.08; train (2 * 1.8 * 0.85) ** (1/3) = 1.45
+    assert res["targets_met"] == {"fwd_geomean_ge_2": True, "train_geomean_ge_1.5": False,
+                                  "no_point_below_0.9": False,
+                                  "layer_step_within_2x_barrier": True}
+    assert json.loads((tmp_path / "issue5_summary.json").read_text()) == json.loads(
+        json.dumps(res))
