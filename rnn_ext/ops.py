@@ -105,6 +105,25 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, hx, batch_sizes, out, ws, noise, *weights)
 
 
+def _reference_of(saved, config):
+    """The forward that `saved` came from, as plain PyTorch: f(input, hx, *weights) ->
+    (output, h_n) with rnn_ext.reference, the same batch sizes and the same dropout noise."""
+    input, _hx, batch_sizes, _out, _ws, noise, *_weights = saved
+    _has_biases, num_layers, bidirectional, relu = config
+    masks = list(noise.unbind(0)) if noise.numel() > 0 else None
+    if masks is not None and batch_sizes is None:
+        # the kernel keeps the noise as (T*B, D*H) rows; reference.rnn wants (T, B, D*H)
+        masks = [m.view(input.shape[0], input.shape[1], m.shape[-1]) for m in masks]
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
+
+    def f(input, hx, *weights):
+        if batch_sizes is None:
+            return reference.rnn(input, hx, weights, **kw)
+        return reference.rnn_packed_data(input, batch_sizes, hx, weights, **kw)
+
+    return f
+
+
 def _differentiable_backward(saved, config, needs, grad_output, grad_hy):
     """Gradients as a differentiable function of everything (create_graph=True, double
     backward): recompute the forward with rnn_ext.reference, which is plain autograd-able
@@ -114,24 +133,15 @@ def _differentiable_backward(saved, config, needs, grad_output, grad_hy):
     (has_biases, num_layers, bidirectional, relu); needs: (input?, hx?, [weight?, ...]).
     Returns (grad_input, grad_hx, [grad of each weight]), None where not needed.  Also called
     by the C++ autograd node (csrc/autograd.cpp)."""
-    input, hx, batch_sizes, _out, _ws, noise, *weights = saved
-    _has_biases, num_layers, bidirectional, relu = config
+    input, hx, _batch_sizes, _out, _ws, _noise, *weights = saved
     wanted = []
     if needs[0]:
         wanted.append(input)
     if needs[1]:
         wanted.append(hx)
     wanted += [w for w, n in zip(weights, needs[2]) if n]
-    masks = list(noise.unbind(0)) if noise.numel() > 0 else None
-    if masks is not None and batch_sizes is None:
-        # the kernel keeps the noise as (T*B, D*H) rows; reference.rnn wants (T, B, D*H)
-        masks = [m.view(input.shape[0], input.shape[1], m.shape[-1]) for m in masks]
-    kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
     with torch.enable_grad():
-        if batch_sizes is None:
-            out, hy = reference.rnn(input, hx, weights, **kw)
-        else:
-            out, hy = reference.rnn_packed_data(input, batch_sizes, hx, weights, **kw)
+        out, hy = _reference_of(saved, config)(input, hx, *weights)
         outs, grads = [], []
         for o, g in ((out, grad_output), (hy, grad_hy)):
             if g is not None:
@@ -232,21 +242,8 @@ class _FuncRNN(torch.autograd.Function):
 def _func_vjp_backward(saved, config, needs, grad_output, grad_hy):
     """_differentiable_backward for torch.func: the same recomputation with rnn_ext.reference
     and the same noise, differentiated with torch.func.vjp instead of torch.autograd.grad."""
-    input, hx, batch_sizes, _out, _ws, noise, *weights = saved
-    _has_biases, num_layers, bidirectional, relu = config
-    masks = list(noise.unbind(0)) if noise.numel() > 0 else None
-    if masks is not None and batch_sizes is None:
-        masks = [m.view(input.shape[0], input.shape[1], m.shape[-1]) for m in masks]
-    kw = dict(num_layers=num_layers, bidirectional=bidirectional, relu=relu, dropout_masks=masks)
-
-    def f(input, hx, *weights):
-        if batch_sizes is None:
-            out, hy = reference.rnn(input, hx, weights, **kw)
-        else:
-            out, hy = reference.rnn_packed_data(input, batch_sizes, hx, weights, **kw)
-        return out, hy
-
-    (out, hy), pullback = torch.func.vjp(f, input, hx, *weights)
+    input, hx, _batch_sizes, _out, _ws, _noise, *weights = saved
+    (out, hy), pullback = torch.func.vjp(_reference_of(saved, config), input, hx, *weights)
     go = torch.zeros_like(out) if grad_output is None else grad_output
     gh = torch.zeros_like(hy) if grad_hy is None else grad_hy
     gi, ghx, *gw = pullback((go, gh))
