@@ -18,14 +18,19 @@ using namespace persistent_detail;
 // ---------------------------------------------------------------------------------------------
 // Host side
 
+// The kernel of a variant, typed (for the launch) and untyped (for the attribute queries).
+template <typename T>
+auto forward_kernel(bool mma) {
+  return mma ? &persistent_forward_kernel<T, true> : &persistent_forward_kernel<T, false>;
+}
+template <typename T>
+auto backward_kernel(bool mma) {
+  return mma ? &persistent_backward_kernel<T, true> : &persistent_backward_kernel<T, false>;
+}
 template <typename T>
 const void* kernel_of(bool backward, bool mma) {
-  if (backward) {
-    return mma ? reinterpret_cast<const void*>(&persistent_backward_kernel<T, true>)
-               : reinterpret_cast<const void*>(&persistent_backward_kernel<T, false>);
-  }
-  return mma ? reinterpret_cast<const void*>(&persistent_forward_kernel<T, true>)
-             : reinterpret_cast<const void*>(&persistent_forward_kernel<T, false>);
+  return backward ? reinterpret_cast<const void*>(backward_kernel<T>(mma))
+                  : reinterpret_cast<const void*>(forward_kernel<T>(mma));
 }
 
 // Whether the tensor-core variant applies: asked for, a dtype it has (fp32 only as TF32, only
@@ -153,8 +158,7 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-  return launch(plan.mma ? &persistent_forward_kernel<T, true> : &persistent_forward_kernel<T, false>,
-                plan, prm, stream, status);
+  return launch(forward_kernel<T>(plan.mma), plan, prm, stream, status);
 }
 
 template <typename T>
@@ -184,9 +188,7 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B)};
-  return launch(plan.mma ? &persistent_backward_kernel<T, true>
-                         : &persistent_backward_kernel<T, false>,
-                plan, prm, stream, status);
+  return launch(backward_kernel<T>(plan.mma), plan, prm, stream, status);
 }
 
 template <typename F>

@@ -48,6 +48,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/elementwise.cuh"
 #include "cuda/warp_reduce.cuh"
 
 namespace rnn_ext::gpu::persistent_detail {
@@ -70,22 +71,7 @@ constexpr int kAcc = kRows * kCols;
 static_assert(kAcc == 32, "the reduce-scatter maps accumulator l to lane l");
 
 // ---------------------------------------------------------------------------------------------
-// dtype helpers (explicit intrinsics: torch builds with __CUDA_NO_HALF_*)
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// Vector loads (conversions and the nonlinearity: cuda/elementwise.cuh)
 
 // The 16 / sizeof(T) elements of a 16-byte vector, as floats.
 __device__ __forceinline__ void unpack(const uint4& raw, float (&f)[4]) {
@@ -116,14 +102,6 @@ __device__ __forceinline__ void unpack_t(const uint4& raw, float (&f)[16 / sizeo
   } else {
     unpack_pairs<__nv_bfloat162>(raw, f, [](__nv_bfloat162 p) { return __bfloat1622float2(p); });
   }
-}
-
-// Nonlinearity and its derivative (from the output h) as the per-step kernels: relu keeps NaN.
-__device__ __forceinline__ float act(float v, bool relu) {
-  return relu ? (v < 0.f ? 0.f : v) : tanhf(v);
-}
-__device__ __forceinline__ float act_backward(float dh, float h, bool relu) {
-  return relu ? (h <= 0.f ? 0.f : dh) : dh * (1.f - h * h);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,10 +519,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int64_t pass = 0; pass < B; pass += prod.rows_per_pass()) {
         prod.pass(xt, cell.ld_x, hprev, ldh, pass, B, true, [&](int64_t r, int j, float sum) {
           T* const zp = zt + r * ld + j;
-          float z = project ? 0.f : to_float(__ldcg(zp));  // P_t, or the in-kernel projection
-          if (b_hh != nullptr) z += to_float(b_hh[j]);
-          if (b_ih != nullptr) z += to_float(b_ih[j]);
-          const T v = from_float<T>(act(z + sum, relu));
+          float z = project ? 0.f : to_acc(__ldcg(zp));  // P_t, or the in-kernel projection
+          if (b_hh != nullptr) z += to_acc(b_hh[j]);
+          if (b_ih != nullptr) z += to_acc(b_ih[j]);
+          const T v = from_acc<T>(act(z + sum, relu));
           *zp = v;
           if (hn != nullptr && last) hn[r * H + j] = v;
         });
@@ -585,8 +563,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         float gsum = i > 0 ? sum : dh[r * H + j];
         if (i < steps) {
           const int64_t o = (t * B + r) * ld + j;
-          if (dy != nullptr) gsum += to_float(dy[o]);
-          dz[o] = from_float<T>(act_backward(gsum, to_float(h[o]), relu));
+          if (dy != nullptr) gsum += to_acc(dy[o]);
+          dz[o] = from_acc<T>(act_backward(gsum, to_acc(h[o]), relu));
         } else {
           dh[r * H + j] = gsum;
         }
