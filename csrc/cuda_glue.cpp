@@ -432,27 +432,19 @@ std::string used_name(int used) {
 }
 }  // namespace
 
-std::string last_cuda_kernel_used(const std::string& phase) {
-  TORCH_CHECK(phase == "forward" || phase == "backward",
-              "rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', got '", phase, "'");
-  return used_name(phase == "forward" ? last_kernel_used.load()
-                                      : last_backward_kernel_used.load());
+// (The arguments of these are validated by their callers in csrc/ops.cpp.)
+std::string last_cuda_kernel_used(bool backward) {
+  return used_name(backward ? last_backward_kernel_used.load() : last_kernel_used.load());
 }
 
 int64_t set_cuda_wavefront_max(int64_t layers) {
-  TORCH_CHECK(layers >= 1 && layers <= gpu::kMaxPersistentCells,
-              "rnn_ext.set_cuda_wavefront: layers must be in 1 .. ", gpu::kMaxPersistentCells,
-              ", got ", layers);
   return wavefront_max_state().exchange(static_cast<int>(layers));
 }
 
 int64_t last_cuda_wavefront_layers() { return last_wavefront_layers.load(); }
 
-std::string last_cuda_persistent_variant(const std::string& phase) {
-  TORCH_CHECK(phase == "forward" || phase == "backward",
-              "rnn_ext.cuda_persistent_variant: phase must be 'forward' or 'backward', got '",
-              phase, "'");
-  const int v = last_variant[phase == "forward" ? 0 : 1].load();
+std::string last_cuda_persistent_variant(bool backward) {
+  const int v = last_variant[backward ? 1 : 0].load();
   return v == 0 ? "none" : v == 1 ? "fma" : v == 2 ? "mma" : "mixed";
 }
 

@@ -23,12 +23,12 @@ constexpr int64_t kMaxWavefrontLayers = 8;
 
 #ifdef RNN_EXT_WITH_CUDA
 static_assert(kMaxWavefrontLayers == gpu::kMaxPersistentCells, "one limit");
-// The CUDA recurrence kernel switches (csrc/cuda_glue.cpp).
+// The CUDA recurrence kernel switches (csrc/cuda_glue.cpp); arguments validated here.
 std::string set_cuda_kernel_mode(const std::string& name);
-std::string last_cuda_kernel_used(const std::string& phase);
+std::string last_cuda_kernel_used(bool backward);
 int64_t set_cuda_wavefront_max(int64_t layers);
 int64_t last_cuda_wavefront_layers();
-std::string last_cuda_persistent_variant(const std::string& phase);
+std::string last_cuda_persistent_variant(bool backward);
 #endif
 
 namespace {
@@ -39,13 +39,31 @@ namespace {
 // persistent); cuda_persistent_variant(phase) -> which persistent variant the last CUDA
 // forward / backward ran ("fma", "mma" (tensor cores), "mixed", "none").  A CPU-only build
 // validates and keeps the settings, and reports "none" / 0.
+
+// "forward" -> false, "backward" -> true; anything else raises.
+bool is_backward_phase(const char* fn, const std::string& phase) {
+  TORCH_CHECK(phase == "forward" || phase == "backward", "rnn_ext.", fn,
+              ": phase must be 'forward' or 'backward', got '", phase, "'");
+  return phase == "backward";
+}
+void check_wavefront_layers(int64_t layers) {
+  TORCH_CHECK(layers >= 1 && layers <= kMaxWavefrontLayers,
+              "rnn_ext.set_cuda_wavefront: layers must be in 1 .. ", kMaxWavefrontLayers, ", got ",
+              layers);
+}
+
 #ifdef RNN_EXT_WITH_CUDA
 std::string set_cuda_kernel(const std::string& name) { return set_cuda_kernel_mode(name); }
-std::string cuda_kernel_used(const std::string& phase) { return last_cuda_kernel_used(phase); }
-int64_t set_cuda_wavefront(int64_t layers) { return set_cuda_wavefront_max(layers); }
+std::string cuda_kernel_used(const std::string& phase) {
+  return last_cuda_kernel_used(is_backward_phase("cuda_kernel_used", phase));
+}
+int64_t set_cuda_wavefront(int64_t layers) {
+  check_wavefront_layers(layers);
+  return set_cuda_wavefront_max(layers);
+}
 int64_t cuda_wavefront_layers() { return last_cuda_wavefront_layers(); }
 std::string cuda_persistent_variant(const std::string& phase) {
-  return last_cuda_persistent_variant(phase);
+  return last_cuda_persistent_variant(is_backward_phase("cuda_persistent_variant", phase));
 }
 #else
 std::string set_cuda_kernel(const std::string& name) {
@@ -62,8 +80,7 @@ std::string set_cuda_kernel(const std::string& name) {
   return prev;
 }
 std::string cuda_kernel_used(const std::string& phase) {
-  TORCH_CHECK(phase == "forward" || phase == "backward",
-              "rnn_ext.cuda_kernel_used: phase must be 'forward' or 'backward', got '", phase, "'");
+  is_backward_phase("cuda_kernel_used", phase);
   return "none";
 }
 int64_t set_cuda_wavefront(int64_t layers) {
@@ -72,18 +89,14 @@ int64_t set_cuda_wavefront(int64_t layers) {
     const int64_t v = env != nullptr ? std::atoll(env) : 0;
     return v >= 1 && v <= kMaxWavefrontLayers ? v : kMaxWavefrontLayers;
   }();
-  TORCH_CHECK(layers >= 1 && layers <= kMaxWavefrontLayers,
-              "rnn_ext.set_cuda_wavefront: layers must be in 1 .. ", kMaxWavefrontLayers, ", got ",
-              layers);
+  check_wavefront_layers(layers);
   const int64_t prev = current;
   current = layers;
   return prev;
 }
 int64_t cuda_wavefront_layers() { return 0; }
 std::string cuda_persistent_variant(const std::string& phase) {
-  TORCH_CHECK(phase == "forward" || phase == "backward",
-              "rnn_ext.cuda_persistent_variant: phase must be 'forward' or 'backward', got '",
-              phase, "'");
+  is_backward_phase("cuda_persistent_variant", phase);
   return "none";
 }
 #endif

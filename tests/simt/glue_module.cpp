@@ -6,10 +6,9 @@
 
 namespace rnn_ext {
 std::string set_cuda_kernel_mode(const std::string& name);
-std::string last_cuda_kernel_used(const std::string& phase);
-int64_t set_cuda_wavefront_max(int64_t layers);
+std::string last_cuda_kernel_used(bool backward);
 int64_t last_cuda_wavefront_layers();
-std::string last_cuda_persistent_variant(const std::string& phase);
+std::string last_cuda_persistent_variant(bool backward);
 }  // namespace rnn_ext
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -34,8 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                       bidirectional, relu, {mask[0], mask[1], mask[2]});
   });
   m.def("set_kernel", &rnn_ext::set_cuda_kernel_mode);
-  m.def("kernel_used", &rnn_ext::last_cuda_kernel_used);
-  m.def("set_wavefront", &rnn_ext::set_cuda_wavefront_max);
+  m.def("kernel_used",
+        [](const std::string& phase) { return rnn_ext::last_cuda_kernel_used(phase == "backward"); });
   m.def("wavefront_layers", &rnn_ext::last_cuda_wavefront_layers);
-  m.def("variant", &rnn_ext::last_cuda_persistent_variant);
+  m.def("variant", [](const std::string& phase) {
+    return rnn_ext::last_cuda_persistent_variant(phase == "backward");
+  });
 }
