@@ -68,7 +68,7 @@ def step_driver(tmp_path_factory):
 
 
 class Launch:
-    """One emulated launch: named buffers (float32 in, the storage dtype inside) and cells."""
+    """One emulated launch: named buffers (float64 files, the storage dtype inside) and cells."""
 
     def __init__(self, kind, dtype, mma, T, B, H, relu=False, ld=None):
         self.head = dict(kind=kind, dtype=dtype, mma=int(mma), T=T, B=B, H=H, relu=int(relu))
@@ -77,7 +77,7 @@ class Launch:
         self.bufs, self.acc, self.cells = {}, set(), []
 
     def buffer(self, name, array, acc=False):
-        self.bufs[name] = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        self.bufs[name] = np.ascontiguousarray(array, dtype=np.float64).reshape(-1)
         if acc:
             self.acc.add(name)
         return name
@@ -89,14 +89,14 @@ class Launch:
         tmp.mkdir(parents=True, exist_ok=True)
         lines = [f"{k} {v}" for k, v in self.head.items()]
         for name, arr in self.bufs.items():
-            arr.tofile(tmp / f"{name}.f32")
+            arr.tofile(tmp / f"{name}.f64")
             lines.append(f"{'acc' if name in self.acc else 'buffer'} {name} {arr.size}")
         for c in self.cells:
             lines.append("cell " + " ".join(f"{k}={'-' if v is None else v}" for k, v in c.items()))
         (tmp / "spec.txt").write_text("\n".join(lines) + "\n")
         res = subprocess.run([str(exe), str(tmp)], capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
-        return {n: np.fromfile(tmp / f"{n}.out.f32", dtype=np.float32) for n in self.bufs}
+        return {n: np.fromfile(tmp / f"{n}.out.f64") for n in self.bufs}
 
 
 TORCH_DT = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
@@ -353,7 +353,7 @@ def test_forward_wide_layer_first_block(driver, tmp_path, dtype, mma, B, H, proj
     close(got[:B, :C], h1[:, :C], tol)
     close(got[B:, :C], h2[:, :C], tol)
     # the block wrote its own columns only
-    np.testing.assert_array_equal(got[:B, C:], rnd(h1s[:, C:], dtype).astype(np.float32))
+    np.testing.assert_array_equal(got[:B, C:], rnd(h1s[:, C:], dtype))
 
 
 @pytest.mark.parametrize("dtype,mma,B,H", [

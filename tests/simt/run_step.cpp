@@ -13,13 +13,13 @@
 // forward_step:  ptrs w_hh b_hh cont_rows h0 z; args ld_cont cont ld_h0 ld_z rows H relu
 // backward_step: ptrs wt_hh dz_in dh dy_next h_next dz_next; args rows_in rows_next ld H relu
 // gather_rows:   ptrs src0 src1 dst; args ld0 ld1 ld_dst cols
-// Every buffer is written back to DIR/NAME.out.f64; the launcher's return code is printed.
+// Every buffer is written back to DIR/NAME.out.f64 (driver_io.h); the launcher's return code is
+// printed.
 #include "../../csrc/cuda/rnn_kernels.cu"
+#include "driver_io.h"
 
 #include <cstdio>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -29,69 +29,28 @@ using namespace rnn_ext::gpu;
 namespace {
 
 template <typename T>
-T from_f64(double v) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    return static_cast<T>(v);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(static_cast<float>(v));
-  } else {
-    return __float2bfloat16_rn(static_cast<float>(v));
-  }
-}
-template <typename T>
-double to_f64(T v) {
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    return static_cast<double>(v);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
-  } else {
-    return __bfloat162float(v);
-  }
-}
-
-struct Store {
-  std::map<std::string, std::vector<unsigned char>> raw;
-  std::map<std::string, bool> acc;
-  std::map<std::string, size_t> n;
-};
-
-template <typename T>
-int run(const std::string& dir, std::map<std::string, std::string>& kind,
-        std::map<std::string, int64_t>& args, std::map<std::string, std::string>& ptrs,
-        std::vector<std::pair<std::string, std::pair<bool, size_t>>>& decl,
-        std::vector<CopySegment>& segs, DType dt) {
-  using A = acc_t<T>;
-  Store st;
-  for (auto& [name, spec] : decl) {
-    const size_t n = spec.second;
-    std::vector<double> init(n);
-    std::ifstream f(dir + "/" + name + ".f64", std::ios::binary);
-    f.read(reinterpret_cast<char*>(init.data()), static_cast<std::streamsize>(n * 8));
-    if (static_cast<size_t>(f.gcount()) != n * 8) throw std::runtime_error("short " + name);
-    const size_t es = spec.first ? sizeof(A) : sizeof(T);
-    auto& raw = st.raw[name];
-    raw.resize(n * es + 16);
-    st.acc[name] = spec.first;
-    st.n[name] = n;
-    for (size_t i = 0; i < n; ++i) {
-      if (spec.first) {
-        const A v = static_cast<A>(init[i]);
-        std::memcpy(raw.data() + i * es, &v, es);
-      } else {
-        const T v = from_f64<T>(init[i]);
-        std::memcpy(raw.data() + i * es, &v, es);
-      }
+void run(const std::string& dir, const std::vector<std::vector<std::string>>& spec, DType dt) {
+  simt_io::Buffers<T, acc_t<T>> bufs;
+  std::map<std::string, std::string> kind, ptrs;
+  std::map<std::string, int64_t> args;
+  std::vector<CopySegment> segs;
+  for (const auto& l : spec) {
+    if (l[0] == "buffer" || l[0] == "acc") {
+      bufs.load(dir, l.at(1), std::stoull(l.at(2)), l[0] == "acc");
+    } else if (l[0] == "arg") {
+      args[l.at(1)] = std::stoll(l.at(2));
+    } else if (l[0] == "ptr") {
+      ptrs[l.at(1)] = l.at(2);
+    } else if (l[0] == "segment") {
+      segs.push_back(CopySegment{std::stoll(l.at(1)), std::stoll(l.at(2)), std::stoll(l.at(3)),
+                                 static_cast<int32_t>(std::stoi(l.at(4)))});
+    } else {
+      kind[l[0]] = l.at(1);
     }
   }
-  auto P = [&](const char* key) -> void* {
+  auto P = [&](const char* key) {
     auto it = ptrs.find(key);
-    if (it == ptrs.end() || it->second == "-") return nullptr;
-    const std::string& ref = it->second;
-    const auto plus = ref.find('+');
-    const std::string name = ref.substr(0, plus);
-    const size_t off = plus == std::string::npos ? 0 : std::stoull(ref.substr(plus + 1));
-    const size_t es = st.acc.at(name) ? sizeof(A) : sizeof(T);
-    return st.raw.at(name).data() + off * es;
+    return it == ptrs.end() ? nullptr : bufs.ptr(it->second);
   };
   auto I = [&](const char* key) { return args.at(key); };
   cudaError_t err = cudaSuccess;
@@ -110,24 +69,7 @@ int run(const std::string& dir, std::map<std::string, std::string>& kind,
     throw std::runtime_error("unknown kind " + k);
   }
   std::printf("%d\n", static_cast<int>(err));
-  for (auto& [name, spec] : decl) {
-    const size_t n = st.n[name];
-    std::vector<double> out(n);
-    for (size_t i = 0; i < n; ++i) {
-      if (spec.first) {
-        A v;
-        std::memcpy(&v, st.raw[name].data() + i * sizeof(A), sizeof(A));
-        out[i] = static_cast<double>(v);
-      } else {
-        T v;
-        std::memcpy(&v, st.raw[name].data() + i * sizeof(T), sizeof(T));
-        out[i] = to_f64<T>(v);
-      }
-    }
-    std::ofstream f(dir + "/" + name + ".out.f64", std::ios::binary);
-    f.write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(n * 8));
-  }
-  return 0;
+  bufs.write_back(dir);
 }
 
 }  // namespace
@@ -138,51 +80,26 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string dir = argv[1];
-  std::ifstream spec(dir + "/spec.txt");
-  std::map<std::string, std::string> kind, ptrs;
-  std::map<std::string, int64_t> args;
-  std::vector<std::pair<std::string, std::pair<bool, size_t>>> decl;
-  std::vector<CopySegment> segs;
-  std::string line;
-  while (std::getline(spec, line)) {
-    std::istringstream is(line);
-    std::string key;
-    if (!(is >> key)) continue;
-    if (key == "buffer" || key == "acc") {
-      std::string name;
-      size_t n;
-      is >> name >> n;
-      decl.push_back({name, {key == "acc", n}});
-    } else if (key == "arg") {
-      std::string name;
-      int64_t v;
-      is >> name >> v;
-      args[name] = v;
-    } else if (key == "ptr") {
-      std::string name, ref;
-      is >> name >> ref;
-      ptrs[name] = ref;
-    } else if (key == "segment") {
-      CopySegment s{};
-      is >> s.dst_row >> s.src_row >> s.rows >> s.src;
-      segs.push_back(s);
-    } else {
-      std::string v;
-      is >> v;
-      kind[key] = v;
-    }
-  }
   try {
-    const std::string d = kind["dtype"];
-    if (d == "float") return run<float>(dir, kind, args, ptrs, decl, segs, DType::kFloat);
-    if (d == "double") return run<double>(dir, kind, args, ptrs, decl, segs, DType::kDouble);
-    if (d == "half") return run<__half>(dir, kind, args, ptrs, decl, segs, DType::kHalf);
-    if (d == "bfloat16") {
-      return run<__nv_bfloat16>(dir, kind, args, ptrs, decl, segs, DType::kBFloat16);
+    const auto spec = simt_io::read_spec(dir);
+    std::string d;
+    for (const auto& l : spec) {
+      if (l[0] == "dtype") d = l.at(1);
     }
-    std::fprintf(stderr, "unknown dtype %s\n", d.c_str());
+    if (d == "float") {
+      run<float>(dir, spec, DType::kFloat);
+    } else if (d == "double") {
+      run<double>(dir, spec, DType::kDouble);
+    } else if (d == "half") {
+      run<__half>(dir, spec, DType::kHalf);
+    } else if (d == "bfloat16") {
+      run<__nv_bfloat16>(dir, spec, DType::kBFloat16);
+    } else {
+      throw std::runtime_error("unknown dtype " + d);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
   }
-  return 1;
+  return 0;
 }

@@ -109,6 +109,16 @@ inline float decode16(uint16_t bits, Mma kind) {
   return __half2float(h);
 }
 
+// Element e (0 = low half) of a fragment register: tf32 holds one float, f16/bf16 two.
+inline float element(Mma kind, uint32_t word, int e) {
+  if (kind == Mma::kTF32) {
+    float f;
+    std::memcpy(&f, &word, 4);
+    return f;
+  }
+  return decode16(static_cast<uint16_t>(word >> (16 * e)), kind);
+}
+
 // The element of register `reg` of lane (g, q) at position `e` (0 = low half) of an A, B or C
 // fragment, per the PTX ISA's "Matrix Fragments for mma.m16n8k16 / m16n8k8" (floating point).
 inline void a_pos(Mma kind, int g, int q, int reg, int e, int* row, int* col) {
@@ -150,18 +160,14 @@ inline void mma(Mma kind, float (&c)[4], const uint32_t (&a)[4], const uint32_t 
       for (int e = 0; e < per; ++e) {
         int r, cc;
         a_pos(kind, g, q, reg, e, &r, &cc);
-        A[r][cc] = kind == Mma::kTF32
-                       ? [&] { float f; std::memcpy(&f, &w.a[ln][reg], 4); return f; }()
-                       : decode16(static_cast<uint16_t>(w.a[ln][reg] >> (16 * e)), kind);
+        A[r][cc] = element(kind, w.a[ln][reg], e);
       }
     }
     for (int reg = 0; reg < 2; ++reg) {
       for (int e = 0; e < per; ++e) {
         int r, cc;
         b_pos(kind, g, q, reg, e, &r, &cc);
-        B[r][cc] = kind == Mma::kTF32
-                       ? [&] { float f; std::memcpy(&f, &w.b[ln][reg], 4); return f; }()
-                       : decode16(static_cast<uint16_t>(w.b[ln][reg] >> (16 * e)), kind);
+        B[r][cc] = element(kind, w.b[ln][reg], e);
       }
     }
   }
