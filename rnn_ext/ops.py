@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
-from . import reference
+from . import onnx, reference
 
 __all__ = ["rnn_forward", "rnn_backward"]
 
@@ -275,10 +275,19 @@ def rnn(
             (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout, bool(train)),
             *weights)
         return out, hy
-    if torch.compiler.is_compiling():
-        # traced (torch.compile, export): the op, with the autograd registered for it above
+    tracing = torch.jit.is_tracing()
+    if torch.compiler.is_compiling() or tracing:
+        if not tracing and torch.onnx.is_in_onnx_export():
+            # torch.onnx.export(dynamo=True): ONNX's RNN operator per layer
+            return onnx.rnn(input, hx, weights, batch_sizes, has_biases=has_biases,
+                            num_layers=num_layers, bidirectional=bidirectional, relu=relu)
+        # traced (torch.compile, export, torch.jit.trace, the TorchScript ONNX exporter, which
+        # converts the op with rnn_ext/onnx.py's symbolic): the op, with the autograd
+        # registered for it above.  A jit trace records need_grad as a constant (and its check
+        # re-traces under no_grad): keep the workspace there, so the traced graph can be
+        # differentiated whenever it runs, as a traced torch.nn.RNN can.
         weights = list(weights)
-        need_grad = torch.is_grad_enabled() and (
+        need_grad = tracing or torch.is_grad_enabled() and (
             input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
         )
         out, hy, _ws, _noise = rnn_forward(
