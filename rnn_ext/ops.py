@@ -275,9 +275,11 @@ def rnn(
             (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout, bool(train)),
             *weights)
         return out, hy
-    tracing = torch.jit.is_tracing()
-    if torch.compiler.is_compiling() or tracing:
-        if not tracing and torch.onnx.is_in_onnx_export():
+    compiling = torch.compiler.is_compiling()
+    # (torch._C._is_tracing(): torch.jit.is_tracing() at half the cost per eager call; not
+    # reached under Dynamo, which cannot trace it)
+    if compiling or torch._C._is_tracing():
+        if compiling and torch.onnx.is_in_onnx_export():
             # torch.onnx.export(dynamo=True): ONNX's RNN operator per layer
             return onnx.rnn(input, hx, weights, batch_sizes, has_biases=has_biases,
                             num_layers=num_layers, bidirectional=bidirectional, relu=relu)
@@ -287,7 +289,7 @@ def rnn(
         # re-traces under no_grad): keep the workspace there, so the traced graph can be
         # differentiated whenever it runs, as a traced torch.nn.RNN can.
         weights = list(weights)
-        need_grad = tracing or torch.is_grad_enabled() and (
+        need_grad = not compiling or torch.is_grad_enabled() and (
             input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights)
         )
         out, hy, _ws, _noise = rnn_forward(
