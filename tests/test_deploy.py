@@ -196,6 +196,10 @@ def test_onnx_packed_dynamo_exporter_fails_as_torch_does(tmp_path):
             torch.onnx.export(_Padded(m.eval()), (x, lengths, hx), str(tmp_path / "p.onnx"),
                               dynamo=True)
         assert isinstance(info.value, torch.onnx.errors.OnnxExporterError), info.value
+    # and should a trace reach rnn_ext's ONNX lowering with packed data, it says why it stops
+    with pytest.raises(RuntimeError, match="does not support PackedSequence"):
+        rnn_ext.onnx.rnn(x[:, 0], hx, list(ext._flat_weights), lengths, has_biases=True,
+                         num_layers=1, bidirectional=False, relu=False)
 
 
 def test_onnx_training_mode_matches_torch(tmp_path):
@@ -285,6 +289,33 @@ def test_jit_trace_default_checks_and_behaves_as_traced_torch(kwargs):
             a = args(4, 2, with_hx, 2)
             for got, expected in zip(traced_ext(*a), traced_ref(*a)):
                 torch.testing.assert_close(got, expected, **TOL32)
+
+
+def test_jit_trace_packed_behaves_as_traced_torch():
+    """Tracing a model that packs, runs the RNN and pads: as for torch.nn.RNN, the trace
+    passes its checks and runs other lengths, batch sizes and sequence lengths, with the same
+    outputs and input gradients as traced torch.nn.RNN."""
+    ref, ext = make_pair(I, H, num_layers=2, bidirectional=True)
+
+    def args(t, lengths, seed):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(t, len(lengths), I, generator=g).requires_grad_(),
+                torch.tensor(lengths), torch.randn(4, len(lengths), H, generator=g))
+
+    traced = []
+    for m in (ext, ref):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced.append(torch.jit.trace(_Padded(m), args(5, [5, 2, 4], 0)))
+    assert str(traced[0].rnn.graph).count("rnn_ext::rnn_forward") == 1
+    results = []
+    for tr in traced:
+        a = args(7, [3, 7], 1)
+        y, h = tr(*a)
+        (y.square().sum() + h.sum()).backward()
+        results.append((y, h, a[0].grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TOL32)
 
 
 # --------------------------------------------------------------------------------------------
