@@ -124,6 +124,7 @@ def test_onnx_export_runs_in_onnxruntime(case, dynamo, tmp_path):
             ("bidirectional" if bi else "forward")
         has_b = len(n.input) > 3 and n.input[3] != ""
         assert has_b == config.get("bias", True)
+        assert len(n.input) == 6 and n.input[5] != ""  # initial_h: hx, or zeros
 
     for b, t, seed in ((2, 4, 0), (3, 7, 1)):
         args = mk(b, t, seed)
