@@ -116,6 +116,26 @@ def check_same(T, B, I, H, L):
     return err
 
 
+def plot(res, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, kinds = res["rows"], res["config"]["kinds"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"T{r['T']} B{r['B']}\nI{r['I']} H{r['H']} L{r['L']}" for r in rows]
+    width = 0.8 / len(kinds)
+    for j, k in enumerate(kinds):
+        ax.bar([i + j * width for i in range(len(rows))], [r["ms"][k] for r in rows], width,
+               label=k)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per training step (median)")
+    ax.set_title(f"DP training step, CPU, {res['config']['threads']} threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -124,12 +144,41 @@ def main():
     ap.add_argument("--kinds", default="plain,ours_ctx,ours_opacus,ours_vmap,dprnn")
     ap.add_argument("--out", default=os.path.join(
         REPO, "bench", "results", f"dp-{datetime.date.today().isoformat()}"))
+    ap.add_argument("--plot", metavar="JSON", help="only plot a results JSON (to JSON's .png)")
     args = ap.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            plot(json.load(f), args.plot[:-len(".json")] + ".png")
+        return
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     grid = QUICK if args.quick else GRID
     rows = []
+    res = {}
+
+    def save():  # after every row, so that an interrupted run keeps what it measured
+        summary = {}
+        if "dprnn" in kinds:
+            for k in kinds:
+                if k != "dprnn":
+                    s = [r["speedup_vs_dprnn"][k] for r in rows]
+                    summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
+                        sum(map(math.log, s)) / len(s))
+        res.update(
+            config=dict(threads=args.threads, reps=args.reps, kinds=kinds,
+                        command=" ".join(sys.argv)),
+            machine=dict(platform=platform.platform(), processor=platform.processor(),
+                         cpus=os.cpu_count(), torch=torch.__version__,
+                         opacus=__import__("opacus").__version__,
+                         loadavg_at_end=os.getloadavg()),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            rows=rows, summary=summary, complete=len(rows) == len(grid))
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        return summary
+
     for T, B, I, H, L in grid:
         steps = {k: make(k, T, B, I, H, L) for k in kinds}
         for k in kinds:  # warm-up
@@ -150,40 +199,9 @@ def main():
             row["ratio_to_plain"] = {k: med[k] / med["plain"] for k in kinds if k != "plain"}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    summary = {}
-    if "dprnn" in kinds:
-        for k in kinds:
-            if k != "dprnn":
-                s = [r["speedup_vs_dprnn"][k] for r in rows]
-                summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
-                    sum(map(math.log, s)) / len(s))
-    res = dict(
-        config=dict(threads=args.threads, reps=args.reps, kinds=kinds, command=" ".join(sys.argv)),
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpus=os.cpu_count(), torch=torch.__version__,
-                     opacus=__import__("opacus").__version__),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        rows=rows, summary=summary)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    print(json.dumps(summary))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"T{r['T']} B{r['B']}\nI{r['I']} H{r['H']} L{r['L']}" for r in rows]
-    width = 0.8 / len(kinds)
-    for j, k in enumerate(kinds):
-        ax.bar([i + j * width for i in range(len(rows))], [r["ms"][k] for r in rows], width,
-               label=k)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per training step (median)")
-    ax.set_title(f"DP training step, CPU, {args.threads} threads")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=110)
+        save()
+    print(json.dumps(res["summary"]))
+    plot(res, args.out + ".png")
     print("wrote", args.out + ".json", args.out + ".png")
 
 
