@@ -426,3 +426,23 @@ def test_opacus_make_private_trains():
             losses.append(loss.item())
     assert engine.get_epsilon(1e-5) > 0
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+@pytest.mark.parametrize("first", ["rnn_ext", "opacus"])
+def test_opacus_registration_without_importing_opacus(first):
+    """`import rnn_ext` does not import opacus; importing opacus before or after rnn_ext
+    registers rnn_ext.RNN's grad sampler."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    check = ("import opacus.grad_sample as g, rnn_ext; "
+             "assert g.GradSampleModule.GRAD_SAMPLERS[rnn_ext.RNN] is "
+             "rnn_ext.dp._opacus_grad_sampler")
+    code = ("import sys, rnn_ext; assert 'opacus' not in sys.modules; " + check
+            if first == "rnn_ext" else "import opacus; " + check)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
