@@ -148,7 +148,8 @@ def _opacus_grad_sampler(module, activations, backprops):
             "not form (was the forward run outside the GradSampleModule's hooks?)")
     grads, loss_reduction = stash.pop()
     scale = module.max_batch_len if loss_reduction == "mean" else 1
-    return {p: g * scale if scale != 1 else g
+    # (in place: the tensors are this backward's own, handed over by _PerSampleRNN)
+    return {p: g.mul_(scale) if scale != 1 else g
             for p, g in zip(module._flat_weights, grads) if p.requires_grad}
 
 

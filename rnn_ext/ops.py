@@ -433,9 +433,9 @@ class _PerSampleRNN(torch.autograd.Function):
         gi, ghx, gw = rnn_backward_per_sample(
             input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
             *ctx.config, [bool(n[0]), bool(n[1])], hx.shape[1])
-        ctx.sink(gw)
-        return (gi if n[0] else None, ghx if n[1] else None, None, None, None,
-                *[g.sum(0) if nd else None for g, nd in zip(gw, n[5:])])
+        summed = [g.sum(0) if nd else None for g, nd in zip(gw, n[5:])]
+        ctx.sink(gw)  # (after the sums: the sink owns gw and may scale it in place)
+        return (gi if n[0] else None, ghx if n[1] else None, None, None, None, *summed)
 
 
 def rnn(
