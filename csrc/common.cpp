@@ -157,6 +157,12 @@ void check_backward_args(const Geometry& g, const at::Tensor& hx, const at::Tens
   }
 }
 
+void check_groups(const Geometry& g, int64_t groups) {
+  TORCH_CHECK(groups >= 0 && (groups == 0 ? g.B == 0 : g.B % groups == 0),
+              "rnn_ext: per-sample gradients: groups must divide the batch size ", g.B,
+              " (and be positive for a non-empty batch), got ", groups);
+}
+
 void check_dropout(double dropout, bool train, int64_t num_layers) {
   TORCH_CHECK(!(train && num_layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
               "dropout probability has to be between 0 and 1, but got ", dropout);

@@ -140,6 +140,15 @@ TORCH_LIBRARY(rnn_ext, m) {
       "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
       "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor[])");
+  // rnn_backward with one weight gradient per group of batch rows: grad_weights[i] is
+  // (groups, *weights[i].shape), the sum over the rows [k*B/groups, (k+1)*B/groups) and all
+  // their steps (groups == B: per-sample gradients, for DP training).  output_mask = [input,
+  // hx].  CPU only so far.
+  m.def(
+      "rnn_backward_per_sample(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, "
+      "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
+      "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[2] output_mask, "
+      "int groups) -> (Tensor, Tensor, Tensor[])");
   m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
@@ -153,6 +162,7 @@ TORCH_LIBRARY(rnn_ext, m) {
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu);
   m.impl("rnn_backward", &rnn_backward_cpu);
+  m.impl("rnn_backward_per_sample", &rnn_backward_per_sample_cpu);
 }
 
 #ifdef RNN_EXT_WITH_CUDA

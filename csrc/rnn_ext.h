@@ -76,6 +76,20 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
                                 int64_t num_layers, bool bidirectional, bool relu,
                                 std::array<bool, 3> output_mask);
 
+// The backward with one weight gradient per group of batch rows (per-sample gradients when
+// groups == B): grad_weights[i] is (groups, *weights[i].shape), group k the sum over the batch
+// rows [k*B/groups, (k+1)*B/groups) and all their steps.  output_mask = [input, hx].
+BackwardResult rnn_backward_per_sample_cpu(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+    const at::Tensor& workspace, const at::Tensor& noise,
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
+    bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
+    std::array<bool, 2> output_mask, int64_t groups);
+
+// groups must be >= 0 and divide the batch (0 only for an empty batch).
+void check_groups(const Geometry& g, int64_t groups);
+
 #ifdef RNN_EXT_WITH_CUDA
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights,

@@ -4,15 +4,17 @@
     rnn = rnn_ext.RNN(input_size, hidden_size, num_layers=2)   # as torch.nn.RNN
     model = rnn_ext.convert_rnns(model)                          # or convert a whole model
 """
-from . import ops, reference
+from . import dp, ops, reference
+from .dp import per_sample_gradients
 from .module import RNN, convert_rnns
 from .cuda import (  # CUDA recurrence kernel switches
     cuda_kernel_used, cuda_wavefront_layers, set_cuda_kernel, set_cuda_wavefront,
 )
 
 __version__ = "0.1.0"
+dp.install_opacus_registration()  # registers rnn_ext.RNN's grad sampler when opacus is imported
 __all__ = [
-    "RNN", "convert_rnns", "reference", "ops", "backend_info", "set_cuda_kernel",
+    "RNN", "convert_rnns", "reference", "ops", "backend_info", "per_sample_gradients", "set_cuda_kernel",
     "cuda_kernel_used", "set_cuda_wavefront", "cuda_wavefront_layers",
 ]
 

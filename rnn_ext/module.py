@@ -37,6 +37,21 @@ class RNN(torch.nn.RNNBase):
     ``torch.compile(..., fullgraph=True)`` can trace it.
     """
 
+    # Per-sample gradients (rnn_ext.dp): None, or f(module, batch, unsorted_indices) -> the
+    # function the backward hands each row's weight gradients to (or None: not this call).
+    _per_sample = None
+
+    def register_forward_hook(self, hook, *args, **kwargs):
+        from . import dp  # Opacus' activation hook gets tensors only (no PackedSequence, None)
+        return super().register_forward_hook(dp.forward_hook_for(hook), *args, **kwargs)
+
+    def register_full_backward_hook(self, hook, prepend=False):
+        from . import dp  # Opacus' per-sample hook is called by the per-sample backward
+        handle = dp.attach_opacus_backward_hook(self, hook)
+        if handle is not None:
+            return handle
+        return super().register_full_backward_hook(hook, prepend)
+
     def __init__(self, *args, **kwargs):
         # Argument handling exactly as torch.nn.RNN.__init__ (the 4th positional argument is
         # the nonlinearity; proj_size is refused even when 0).
@@ -140,7 +155,11 @@ class RNN(torch.nn.RNNBase):
                 )
         else:
             self.check_forward_args(input, hx, batch_sizes)
-        output, hidden = self._run(input, hx, batch_sizes)
+        per_sample = None
+        if self._per_sample is not None and torch.is_grad_enabled():
+            # per-sample gradients asked for (rnn_ext.per_sample_gradients, Opacus): rnn_ext.dp
+            per_sample = self._per_sample(self, hx.shape[1], unsorted_indices)
+        output, hidden = self._run(input, hx, batch_sizes, per_sample)
 
         if isinstance(orig_input, PackedSequence):
             output_packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
@@ -151,7 +170,7 @@ class RNN(torch.nn.RNNBase):
             hidden = hidden.squeeze(1)
         return output, self.permute_hidden(hidden, unsorted_indices)
 
-    def _run(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor]):
+    def _run(self, input: Tensor, hx: Tensor, batch_sizes: Optional[Tensor], per_sample=None):
         """The part torch.nn.RNN hands to aten (`_VF.rnn_tanh`/`rnn_relu`), on rnn_ext's op."""
         weights = list(self._flat_weights)
         # aten's checks before computing (devices, then sequence length 0), with its messages,
@@ -176,7 +195,7 @@ class RNN(torch.nn.RNNBase):
             input, hx, weights, batch_sizes,
             has_biases=self.bias, num_layers=self.num_layers,
             bidirectional=bool(self.bidirectional), relu=self.mode == "RNN_RELU",
-            dropout=self.dropout, train=self.training,
+            dropout=self.dropout, train=self.training, per_sample=per_sample,
         )
         if seq_first:
             output = output.transpose(0, 1)

@@ -11,10 +11,11 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
 from . import onnx, reference
 
-__all__ = ["rnn_forward", "rnn_backward"]
+__all__ = ["rnn_forward", "rnn_backward", "rnn_backward_per_sample"]
 
 rnn_forward = torch.ops.rnn_ext.rnn_forward.default
 rnn_backward = torch.ops.rnn_ext.rnn_backward.default
+rnn_backward_per_sample = torch.ops.rnn_ext.rnn_backward_per_sample.default
 
 
 def _saves_noise(train: bool, dropout: float, num_layers: int) -> bool:
@@ -92,6 +93,20 @@ def _rnn_backward_fake(
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
+    return grad_input, grad_hx, grad_weights
+
+
+@torch.library.register_fake("rnn_ext::rnn_backward_per_sample")
+def _rnn_backward_per_sample_fake(
+    input, hx, weights, batch_sizes, output, workspace, noise, grad_output, grad_hy,
+    has_biases, num_layers, bidirectional, relu, output_mask, groups,
+):
+    _check_same_device(input, hx, weights, output, workspace, noise, grad_output, grad_hy)
+    _check_batch_sizes(batch_sizes)
+    torch._check(groups >= 0, lambda: "rnn_ext: per-sample gradients: groups must be >= 0")
+    grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
+    grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
+    grad_weights = [w.new_empty((groups, *w.shape)) for w in weights]
     return grad_input, grad_hx, grad_weights
 
 
@@ -174,6 +189,13 @@ def _gradients(saved, config, needs, grad_output, grad_hy):
         return None, None, [None] * len(weights)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _differentiable_backward(saved, config, needs, grad_output, grad_hy)
+    return _kernel_gradients(saved, config, needs, grad_output, grad_hy)
+
+
+def _kernel_gradients(saved, config, needs, grad_output, grad_hy):
+    """_gradients with the rnn_backward kernel (not differentiable)."""
+    input, hx, batch_sizes, out, ws, noise, *weights = saved
+    need_w = [bool(n) for n in needs[2]]
     has_biases, num_layers, bidirectional, relu = config
     gi, ghx, gw = rnn_backward(
         input, hx, weights, batch_sizes, out, ws, noise, grad_output, grad_hy, has_biases,
@@ -205,6 +227,9 @@ class _FuncRNN(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, input, hx, batch_sizes, config, *weights):
+        if _stackable(in_dims[0:2], batch_sizes, in_dims[4:]):
+            return _merged_forward(info.batch_size, in_dims, input, hx, config, weights)
+        # vmapped weights (model ensembles) or packed input: one stack per vmapped entry
         args = (input, hx, batch_sizes, config, *weights)
         outs = []
         for v in range(info.batch_size):
@@ -227,16 +252,146 @@ class _FuncRNN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
         n = ctx.needs_input_grad
-        needs = (n[0], n[1], n[4:])
-        input, hx, *rest = ctx.saved_tensors
-        saved = (input, hx, ctx.batch_sizes, *rest)
-        if torch.is_grad_enabled() and (grad_output is not None or grad_hy is not None):
-            # a transform may differentiate this backward again: torch.func.vjp of the
-            # reference (plain PyTorch), which composes with the surrounding levels
-            gi, ghx, gw = _func_vjp_backward(saved, ctx.config, needs, grad_output, grad_hy)
-        else:
-            gi, ghx, gw = _gradients(saved, ctx.config, needs, grad_output, grad_hy)
+        needs = (bool(n[0]), bool(n[1]), tuple(bool(x) for x in n[4:]))
+        if grad_output is None and grad_hy is None:
+            return (None,) * len(n)
+        # the kernels' BPTT as a differentiable function of its own (_FuncRNNBackward): under
+        # vmap its batching rule runs one stack, and one per-sample weight-gradient pass, for
+        # every vmapped entry together; a transform that differentiates again gets the
+        # reference's gradient of it
+        input, hx, out, ws, noise, *weights = ctx.saved_tensors
+        gi, ghx, *gw = _FuncRNNBackward.apply(
+            input, hx, out, ws, noise, grad_output, grad_hy, ctx.batch_sizes, ctx.config, needs,
+            *weights)
         return (gi, ghx, None, None, *gw)
+
+
+def _stackable(state_dims, batch_sizes, weight_dims):
+    """Whether a vmapped call can run as one stack over every entry: dense input, unbatched
+    weights (the entries' batch rows then just join the batch)."""
+    return batch_sizes is None and all(d is None for d in weight_dims) and any(
+        d is not None for d in state_dims)
+
+
+def _merge(t, d, V, dim):
+    """The physical tensor of a vmapped entry's tensor t (vmapped at physical dim d, or None:
+    the same for every entry) with the entries joined into its logical dim `dim`: logical size
+    b becomes V*b, entry v owning rows [v*b, (v+1)*b)."""
+    if d is None:
+        t = t.unsqueeze(dim).expand(*t.shape[:dim], V, *t.shape[dim:])
+    else:
+        t = t.movedim(d, dim)
+    return t.reshape(*t.shape[:dim], -1, *t.shape[dim + 2:])
+
+
+def _split_rows(t, T, V, b):
+    """(K, T*V*b, F) rows of a joined stack -> (V, K, T*b, F): each entry's rows, in the
+    layout a stack of that entry alone has."""
+    K, F = t.shape[0], t.shape[-1]
+    return t.view(K, T, V, b, F).permute(2, 0, 1, 3, 4).reshape(V, K, T * b, F)
+
+
+def _join_rows(t, d, T, V, b):
+    """Inverse of _split_rows for a vmapped entry's (K, T*b, F) tensor at physical dim d."""
+    t = t.unsqueeze(0).expand(V, *t.shape) if d is None else t.movedim(d, 0)
+    K, F = t.shape[1], t.shape[-1]
+    return t.view(V, K, T, b, F).permute(1, 2, 0, 3, 4).reshape(K, T * V * b, F)
+
+
+def _merged_forward(V, in_dims, input, hx, config, weights):
+    """_FuncRNN's vmap rule for a dense input with unbatched weights: one stack whose batch is
+    every entry's batch rows side by side."""
+    x = _merge(input, in_dims[0], V, 1)
+    h = _merge(hx, in_dims[1], V, 1)
+    T, b = x.shape[0], x.shape[1] // V
+    out, hy, ws, noise = _FuncRNN.apply(x, h, None, config, *weights)
+    out = out.view(T, V, b, out.shape[-1])
+    hy = hy.view(hy.shape[0], V, b, hy.shape[-1])
+    ws = _split_rows(ws, T, V, b)
+    if noise.numel() > 0:
+        return (out, hy, ws, _split_rows(noise, T, V, b)), (1, 1, 0, 0)
+    return (out, hy, ws, noise), (1, 1, 0, None)
+
+
+class _FuncRNNBackward(torch.autograd.Function):
+    """_FuncRNN's first-order gradients with the kernels: (grad_input, grad_hx, *grad_weights),
+    None where `needs` (input?, hx?, (weight?, ...)) says not wanted.  Its vmap rule joins the
+    vmapped entries into one stack and forms each entry's weight gradients with the
+    per-sample kernel (rnn_backward_per_sample, one group per entry): vmap(grad(f)) and jacrev
+    run one BPTT for the whole vmapped batch.  Its own backward (second order) differentiates
+    the reference, as _func_vjp_backward does."""
+
+    @staticmethod
+    def forward(input, hx, out, ws, noise, grad_output, grad_hy, batch_sizes, config, needs,
+                *weights):
+        saved = (input, hx, batch_sizes, out, ws, noise, *weights)
+        gi, ghx, gw = _kernel_gradients(saved, config, needs, grad_output, grad_hy)
+        return (gi, ghx, *gw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, hx, out, ws, noise, go, gh, batch_sizes, config, needs, *weights = inputs
+        ctx.batch_sizes, ctx.config = batch_sizes, config
+        ctx.has_go, ctx.has_gh = go is not None, gh is not None
+        ctx.save_for_backward(input, hx, out, ws, noise, go, gh, *weights)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        input, hx, out, ws, noise, go, gh, *weights = ctx.saved_tensors
+        all_needs = (True, True, (True,) * len(weights))
+
+        def grads(input, hx, go, gh, *weights):
+            saved = (input, hx, ctx.batch_sizes, out, ws, noise, *weights)
+            gi, ghx, gw = _func_vjp_backward(saved, ctx.config, all_needs, go, gh)
+            return (gi, ghx, *gw)
+
+        go = torch.zeros_like(out) if go is None else go
+        gh = torch.zeros_like(hx) if gh is None else gh
+        primals = (input, hx, go, gh, *weights)
+        results, pullback = torch.func.vjp(grads, *primals)
+        cot = tuple(torch.zeros_like(r) if c is None else c for r, c in zip(results, cotangents))
+        gi, ghx, ggo, ggh, *gw = pullback(cot)
+        return (gi, ghx, None, None, None, ggo if ctx.has_go else None,
+                ggh if ctx.has_gh else None, None, None, None, *gw)
+
+    @staticmethod
+    def vmap(info, in_dims, input, hx, out, ws, noise, go, gh, batch_sizes, config, needs,
+             *weights):
+        V = info.batch_size
+        if not (_stackable(in_dims[:7], batch_sizes, in_dims[10:])
+                and input.device.type == "cpu"):
+            # one backward per vmapped entry (vmapped weights, packed input; the per-sample
+            # kernel is CPU-only so far)
+            args = (input, hx, out, ws, noise, go, gh, batch_sizes, config, needs, *weights)
+            res = []
+            for v in range(V):
+                sliced = [a.select(d, v) if isinstance(d, int) else a
+                          for a, d in zip(args, in_dims)]
+                res.append(_FuncRNNBackward.apply(*sliced))
+            stacked = tuple(None if r[0] is None else torch.stack(r) for r in zip(*res))
+            return stacked, tuple(None if r is None else 0 for r in stacked)
+        x = _merge(input, in_dims[0], V, 1)
+        T, b = x.shape[0], x.shape[1] // V
+        h = _merge(hx, in_dims[1], V, 1)
+        o = _merge(out, in_dims[2], V, 1)
+        w_s = _join_rows(ws, in_dims[3], T, V, b)
+        nz = noise.new_empty((0,)) if noise.numel() == 0 else _join_rows(noise, in_dims[4], T, V, b)
+        g_o = None if go is None else _merge(go, in_dims[5], V, 1)
+        g_h = None if gh is None else _merge(gh, in_dims[6], V, 1)
+        has_biases, num_layers, bidirectional, relu = config
+        args = (x, h, list(weights), None, o, w_s, nz, g_o, g_h, has_biases, num_layers,
+                bidirectional, relu)
+        if any(needs[2]):
+            gi, ghx, gw = rnn_backward_per_sample(*args, [needs[0], needs[1]], V)
+            gw = [g if n else None for g, n in zip(gw, needs[2])]
+        else:
+            gi, ghx, _ = rnn_backward(*args, [needs[0], needs[1], False])
+            gw = [None] * len(weights)
+        gi = gi.view(T, V, b, gi.shape[-1]) if needs[0] else None
+        ghx = ghx.view(ghx.shape[0], V, b, ghx.shape[-1]) if needs[1] else None
+        res = (gi, ghx, *gw)
+        return res, (1 if needs[0] else None, 1 if needs[1] else None,
+                     *[0 if g is not None else None for g in gw])
 
 
 def _func_vjp_backward(saved, config, needs, grad_output, grad_hy):
@@ -251,6 +406,38 @@ def _func_vjp_backward(saved, config, needs, grad_output, grad_hy):
             [g if nd else None for g, nd in zip(gw, needs[2])])
 
 
+class _PerSampleRNN(torch.autograd.Function):
+    """ops.rnn's door when per-sample gradients are asked for (rnn_ext.per_sample_gradients,
+    Opacus): the backward runs the BPTT once, forms every batch row's weight gradients with
+    the per-sample kernel, hands them to `sink` (a list per weight, (B, *shape) each, in the
+    op's row order), and returns their sums as the weights' gradients."""
+
+    @staticmethod
+    def forward(ctx, input, hx, batch_sizes, config, sink, *weights):
+        if input.device.type != "cpu":
+            raise NotImplementedError(
+                "rnn_ext: per-sample gradients have a CPU kernel only so far; got a tensor on "
+                f"{input.device}")
+        has_biases, num_layers, bidirectional, relu, dropout, train = config
+        out, hy, ws, noise = rnn_forward(input, hx, list(weights), batch_sizes, has_biases,
+                                         num_layers, bidirectional, relu, dropout, train, True)
+        ctx.save_for_backward(input, hx, out, ws, noise, *weights)
+        ctx.batch_sizes, ctx.config, ctx.sink = batch_sizes, config[:4], sink
+        return out, hy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_hy):
+        input, hx, out, ws, noise, *weights = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gi, ghx, gw = rnn_backward_per_sample(
+            input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
+            *ctx.config, [bool(n[0]), bool(n[1])], hx.shape[1])
+        summed = [g.sum(0) if nd else None for g, nd in zip(gw, n[5:])]
+        ctx.sink(gw)  # (after the sums: the sink owns gw and may scale it in place)
+        return (gi if n[0] else None, ghx if n[1] else None, None, None, None, *summed)
+
+
 def rnn(
     input: Tensor,
     hx: Tensor,
@@ -263,10 +450,18 @@ def rnn(
     relu: bool,
     dropout: float = 0.0,
     train: bool = False,
+    per_sample=None,
 ) -> tuple[Tensor, Tensor]:
     """Functional form: output and h_n of the stack, like ``torch._VF.rnn_tanh``/``rnn_relu``
-    (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's)."""
+    (seq-first dense input, or packed data with batch_sizes; no checks beyond the kernel's).
+    per_sample: None, or a function the backward hands each batch row's weight gradients to
+    (a list with one (B, *weight.shape) tensor per weight, rows in the op's order)."""
     dropout = float(dropout)
+    if per_sample is not None and torch.is_grad_enabled():
+        # per-sample gradients asked for (eager): one BPTT for them and the summed gradients
+        config = (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout,
+                  bool(train))
+        return _PerSampleRNN.apply(input, hx, batch_sizes, config, per_sample, *weights)
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         # under torch.func transforms: the op through _FuncRNN (same autograd, with the
         # setup_context functorch requires)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,23 @@ def test_char_lm_smoke(tmp_path):
     assert "tokens/s" in out and "throughput" in out
     assert out.count("--- sample") == 2
     assert "it/s" in proc.stderr or "s/it" in proc.stderr  # the tqdm progress bar
+
+
+def test_dp_train_smoke(tmp_path):
+    """examples/dp_train.py: DP-SGD with Opacus on rnn_ext.RNN for two small epochs."""
+    import pytest
+    pytest.importorskip("opacus")
+    script = SCRIPT.parent / "dp_train.py"
+    png = tmp_path / "dp.png"
+    cmd = [sys.executable, str(script), "--epochs", "2", "--train", "512", "--test", "256",
+           "--batch", "32", "--hidden", "32", "--threads", "1", "--out", str(png)]
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}  # this checkout's rnn_ext
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads(png.with_suffix(".json").read_text())
+    assert len(m["losses"]) > 10 and all(math.isfinite(v) for v in m["losses"])
+    eps = m["epsilon"]
+    assert eps[0] > 0 and all(b >= a for a, b in zip(eps, eps[1:]))  # budget spent grows
+    assert "epsilon" in proc.stdout and ("it/s" in proc.stderr or "s/it" in proc.stderr)

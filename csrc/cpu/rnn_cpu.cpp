@@ -561,12 +561,62 @@ void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
   for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(acc[j]);
 }
 
+// Per-group weight and bias gradients of one direction of one layer (the per-sample
+// gradients of DP training when every group is one sample).  Group k owns the batch rows
+// [k*gs, (k+1)*gs); its gradients sum, over the steps t and its rows r active at t (packed row
+// offset[t] + r), dz^T x (W_ih), dz^T h_prev (W_hh) and dz (biases): only its own rows, never
+// another sample's steps or padding.  dz: (N, *) rows with stride ld_dz; x: (N, in_size)
+// contiguous; prev: (N, H) contiguous.  Writes the k-th (H, in_size), (H, H), (H) blocks of
+// gw_ih, gw_hh, gb (gb may be null).  Groups run in parallel on torch's threads.
+template <typename T>
+void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t ld_dz,
+                        const T* x, int64_t in_size, const T* prev, T* gw_ih, T* gw_hh, T* gb) {
+  if (groups == 0) return;  // (an empty batch)
+  const int64_t H = g.H, gs = g.B / groups;
+  // Dense input, one sample per group: sample k's rows are k, k + B, k + 2B, ...: one strided
+  // product per weight, nothing copied.
+  const bool strided = !g.packed && gs == 1;
+  at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> zb, xb, pb;  // this thread's gathered rows of a group
+    for (int64_t k = k0; k < k1; ++k) {
+      T* o_ih = gw_ih + k * H * in_size;
+      T* o_hh = gw_hh + k * H * H;
+      const T *z, *xs, *ps;
+      int64_t ldz, ldx, ldp, K;
+      if (strided) {
+        z = dz + k * ld_dz; ldz = g.B * ld_dz;
+        xs = x + k * in_size; ldx = g.B * in_size;
+        ps = prev + k * H; ldp = g.B * H;
+        K = g.T;
+      } else {
+        const int64_t r0 = k * gs, r1 = r0 + gs;
+        K = 0;
+        for (int64_t t = 0; t < g.T; ++t) K += std::max<int64_t>(0, std::min(r1, g.batch[t]) - r0);
+        zb.resize(K * H); xb.resize(K * in_size); pb.resize(K * H);
+        int64_t q = 0;
+        for (int64_t t = 0; t < g.T; ++t) {
+          for (int64_t r = r0; r < std::min(r1, g.batch[t]); ++r, ++q) {
+            const int64_t row = g.offset[t] + r;
+            std::copy_n(dz + row * ld_dz, H, zb.data() + q * H);
+            std::copy_n(x + row * in_size, in_size, xb.data() + q * in_size);
+            std::copy_n(prev + row * H, H, pb.data() + q * H);
+          }
+        }
+        z = zb.data(); ldz = H; xs = xb.data(); ldx = in_size; ps = pb.data(); ldp = H;
+      }
+      gemm<T>(true, false, H, in_size, K, T(1), z, ldz, xs, ldx, T(0), o_ih, in_size);
+      gemm<T>(true, false, H, H, K, T(1), z, ldz, ps, ldp, T(0), o_hh, H);
+      if (gb != nullptr) column_sums<T>(z, K, H, ldz, gb + k * H);
+    }
+  });
+}
+
 template <typename T>
 BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& hx,
                              const std::vector<at::Tensor>& w, const at::Tensor& output,
                              const at::Tensor& ws, const at::Tensor& noise,
                              const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                             const std::array<bool, 3>& mask) {
+                             const std::array<bool, 3>& mask, int64_t groups = -1) {
   const int64_t H = g.H, DH = g.D * g.H, L = g.L, layer_elems = g.N * DH;
   const auto dt = input.scalar_type();
   const bool need_input = mask[0], need_hx = mask[1], need_w = mask[2];
@@ -648,7 +698,12 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   std::vector<at::Tensor> grad_w;
   if (need_w) {
     grad_w.reserve(w.size());
-    for (const auto& wi : w) grad_w.push_back(new_tensor(wi.sizes(), dt));
+    for (const auto& wi : w) {
+      // groups >= 0: one gradient per group of batch rows, stacked on a leading dimension
+      std::vector<int64_t> sizes(wi.sizes().begin(), wi.sizes().end());
+      if (groups >= 0) sizes.insert(sizes.begin(), groups);
+      grad_w.push_back(new_tensor(sizes, dt));
+    }
     at::Tensor prev = new_tensor({g.N, H}, dt);
     at::Tensor dropped = has_noise ? new_tensor({g.N, DH}, dt) : at::Tensor();
     for (int64_t l = 0; l < L; ++l) {
@@ -662,11 +717,21 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
       for (int64_t d = 0; d < g.D; ++d) {
         const int64_t base = (l * g.D + d) * g.weights_per_cell();
         const T* dz = dZ[l] + d * H;
+        gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
+                       prev.data_ptr<T>());
+        if (groups >= 0) {
+          group_weight_grads<T>(g, groups, dz, DH, layer_in, in_size, prev.data_ptr<T>(),
+                                grad_w[base].data_ptr<T>(), grad_w[base + 1].data_ptr<T>(),
+                                g.has_biases ? grad_w[base + 2].data_ptr<T>() : nullptr);
+          if (g.has_biases) {
+            std::copy_n(grad_w[base + 2].data_ptr<T>(), groups * H,
+                        grad_w[base + 3].data_ptr<T>());
+          }
+          continue;
+        }
         // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = column sums of dZ
         gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in, in_size, T(0),
                 grad_w[base].data_ptr<T>(), in_size);
-        gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
-                       prev.data_ptr<T>());
         gemm<T>(true, false, H, H, g.N, T(1), dz, DH, prev.data_ptr<T>(), H, T(0),
                 grad_w[base + 1].data_ptr<T>(), H);
         if (g.has_biases) {
@@ -733,26 +798,27 @@ ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
   return forward_impl<float>(g, input, hx, w, dropout, train, need_grad);
 }
 
-BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
-                                at::TensorList weights,
-                                const std::optional<at::Tensor>& batch_sizes,
-                                const at::Tensor& output, const at::Tensor& workspace,
-                                const at::Tensor& noise,
-                                const std::optional<at::Tensor>& grad_output,
-                                const std::optional<at::Tensor>& grad_hy, bool has_biases,
-                                int64_t num_layers, bool bidirectional, bool relu,
-                                std::array<bool, 3> output_mask) {
+namespace {
+// rnn_backward_cpu (groups < 0: summed weight gradients) and rnn_backward_per_sample_cpu.
+BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                            const std::optional<at::Tensor>& batch_sizes,
+                            const at::Tensor& output, const at::Tensor& workspace,
+                            const at::Tensor& noise, const std::optional<at::Tensor>& grad_output,
+                            const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                            int64_t num_layers, bool bidirectional, bool relu,
+                            std::array<bool, 3> output_mask, int64_t groups) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
   check_backward_args(g, hx, output, workspace, noise, grad_output, grad_hy);
+  if (groups >= 0) check_groups(g, groups);
   const auto dt = input.scalar_type();
   const auto ct = is_reduced(dt) ? at::kFloat : dt;
   auto run = [&](auto tag) {
     using T = decltype(tag);
     return backward_impl<T>(g, as_dtype(input, ct), as_dtype(hx, ct), as_dtype(weights, ct),
                             as_dtype(output, ct), as_dtype(workspace, ct), as_dtype(noise, ct),
-                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask);
+                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask, groups);
   };
   BackwardResult r = ct == at::kDouble ? run(double{}) : run(float{});
   if (ct != dt) {
@@ -762,6 +828,32 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
     for (size_t i = 0; i < gw.size(); ++i) gw[i] = gw[i].to(weights[i].scalar_type());
   }
   return r;
+}
+}  // namespace
+
+BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                at::TensorList weights,
+                                const std::optional<at::Tensor>& batch_sizes,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                const at::Tensor& noise,
+                                const std::optional<at::Tensor>& grad_output,
+                                const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                                int64_t num_layers, bool bidirectional, bool relu,
+                                std::array<bool, 3> output_mask) {
+  return backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                      grad_hy, has_biases, num_layers, bidirectional, relu, output_mask, -1);
+}
+
+BackwardResult rnn_backward_per_sample_cpu(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+    const at::Tensor& workspace, const at::Tensor& noise,
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
+    bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
+    std::array<bool, 2> output_mask, int64_t groups) {
+  return backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                      grad_hy, has_biases, num_layers, bidirectional, relu,
+                      {output_mask[0], output_mask[1], true}, groups);
 }
 
 }  // namespace rnn_ext

@@ -1,0 +1,448 @@
+"""Per-sample gradients (DP training): the fused per-sample kernel reached through
+rnn_ext.per_sample_gradients, torch.func (vmap of grad, jacrev) and Opacus, against loops of
+single-sample torch.autograd.grad calls (rnn_ext and torch.nn.RNN)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnn_ext
+from conftest import TOL, make_pair
+
+CONFIGS = [
+    dict(num_layers=1),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=3, nonlinearity="relu"),
+    dict(num_layers=2, bias=False, batch_first=True),
+    dict(num_layers=2, dropout=0.5),
+    dict(num_layers=2, bidirectional=True, dropout=0.3, batch_first=True),
+]
+IDS = ["plain", "bidir", "relu3", "nobias_bf", "dropout", "bidir_dropout_bf"]
+
+T, B, I, H = 6, 5, 3, 4
+LENGTHS = [6, 2, 5, 1, 4]   # ragged, unsorted: packing reorders the samples
+
+
+def _inputs(cfg, dtype, packed, with_hx):
+    g = torch.Generator().manual_seed(7)
+    D = 2 if cfg.get("bidirectional") else 1
+    L = cfg["num_layers"]
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)              # seq-first
+    hx = torch.randn(L * D, B, H, generator=g, dtype=dtype) if with_hx else None
+    # the loss: a fixed random linear function of each sample's output steps and its h_n
+    gy = torch.randn(T, B, D * H, generator=g, dtype=dtype)
+    gh = torch.randn(L * D, B, H, generator=g, dtype=dtype)
+    if packed:
+        for b, n in enumerate(LENGTHS):
+            gy[n:, b] = 0
+    return x, hx, gy, gh
+
+
+def _run(m, x, hx, gy, gh, packed, samples=None):
+    """Loss of the samples `samples` (all when None) run as one batch."""
+    bf = m.batch_first
+    idx = list(range(B)) if samples is None else samples
+    xs = x[:, idx]
+    h0 = None if hx is None else hx[:, idx]
+    if packed:
+        lens = torch.tensor([LENGTHS[i] for i in idx])
+        xs = xs[: int(lens.max())]
+        inp = pack_padded_sequence(xs.transpose(0, 1) if bf else xs, lens, batch_first=bf,
+                                   enforce_sorted=False)
+        out, hn = m(inp, h0)
+        out, _ = pad_packed_sequence(out, total_length=T)  # seq-first
+    else:
+        out, hn = m(xs.transpose(0, 1) if bf else xs, h0)
+        if bf:
+            out = out.transpose(0, 1)
+    return (out * gy[:, idx]).sum(0).sum(-1), (hn * gh[:, idx]).sum(0).sum(-1)  # per sample
+
+
+def _per_sample_loop(m, x, hx, gy, gh, packed, seed, single):
+    """Per-sample gradients by single-sample torch.autograd.grad calls: on single-sample
+    forwards (single=True; no dropout), or on one batched forward with the batch's dropout
+    masks, one grad call per sample's loss."""
+    params = [p for p in m.parameters()]
+    rows = []
+    if single:
+        for b in range(B):
+            lo, lh = _run(m, x, hx, gy, gh, packed, [b])
+            rows.append(torch.autograd.grad((lo + lh).sum(), params))
+    else:
+        torch.manual_seed(seed)
+        lo, lh = _run(m, x, hx, gy, gh, packed)
+        for b in range(B):
+            rows.append(torch.autograd.grad(lo[b] + lh[b], params, retain_graph=True))
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_per_sample_gradients_match_single_sample_loops(cfg, packed, dtype):
+    ref, ext = make_pair(I, H, dtype=dtype, **cfg)
+    ref.train(), ext.train()
+    with_hx = cfg["num_layers"] != 3
+    x, hx, gy, gh = _inputs(cfg, dtype, packed, with_hx)
+    seed = 123
+    with rnn_ext.per_sample_gradients(ext):
+        torch.manual_seed(seed)
+        lo, lh = _run(ext, x, hx, gy, gh, packed)
+        (lo + lh).sum().backward()
+    got = [p.grad_sample for p in ext.parameters()]
+    assert all(g.shape == (B, *p.shape) for g, p in zip(got, ext.parameters()))
+    # the summed gradient is the sum of the per-sample ones
+    for p, g in zip(ext.parameters(), got):
+        torch.testing.assert_close(p.grad, g.sum(0), **TOL[dtype])
+    tol = TOL[dtype]
+    dropout = cfg.get("dropout", 0) > 0
+    wants = [_per_sample_loop(ref, x, hx, gy, gh, packed, seed, single=False),
+             _per_sample_loop(ext, x, hx, gy, gh, packed, seed, single=False)]
+    if not dropout:  # each sample alone (it never sees another sample's steps or padding)
+        wants.append(_per_sample_loop(ext, x, hx, gy, gh, packed, seed, single=True))
+    for want in wants:
+        for (n, _), g, w in zip(ext.named_parameters(), got, want):
+            torch.testing.assert_close(g, w, **tol, msg=lambda s: f"{n}: {s}")
+
+
+def test_per_sample_gradients_reference_oracle():
+    """Against rnn_ext.reference (the plain-PyTorch oracle), one grad call per sample."""
+    _, ext = make_pair(I, H, dtype=torch.float64, num_layers=2, bidirectional=True)
+    x, hx, gy, gh = _inputs(dict(num_layers=2, bidirectional=True), torch.float64, False, True)
+    with rnn_ext.per_sample_gradients(ext):
+        out, hn = ext(x, hx)
+        ((out * gy).sum() + (hn * gh).sum()).backward()
+    ws = [w.detach().requires_grad_() for w in ext._flat_weights]
+    out, hn = rnn_ext.reference.rnn(x, hx, ws, num_layers=2, bidirectional=True, relu=False)
+    for b in range(B):
+        lb = (out[:, b] * gy[:, b]).sum() + (hn[:, b] * gh[:, b]).sum()
+        for w, p, g in zip(ws, ext._flat_weights, torch.autograd.grad(lb, ws, retain_graph=True)):
+            torch.testing.assert_close(p.grad_sample[b], g, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_sample_gradients_half(dtype):
+    """Half dtypes are computed in float32: the per-sample gradients are the float32 ones,
+    rounded."""
+    _, ext = make_pair(I, H, dtype=torch.float32, num_layers=2)
+    x, hx, gy, gh = _inputs(dict(num_layers=2), torch.float32, False, True)
+    with rnn_ext.per_sample_gradients(ext):
+        lo, lh = _run(ext, x, hx, gy, gh, False)
+        (lo + lh).sum().backward()
+    want = [p.grad_sample for p in ext.parameters()]
+    half = rnn_ext.RNN(I, H, num_layers=2, dtype=dtype)
+    half.load_state_dict(ext.state_dict())
+    with rnn_ext.per_sample_gradients(half):
+        lo, lh = _run(half, x.to(dtype), hx.to(dtype), gy.to(dtype), gh.to(dtype), False)
+        (lo + lh).sum().backward()
+    for p, w in zip(half.parameters(), want):
+        assert p.grad_sample.dtype == dtype
+        torch.testing.assert_close(p.grad_sample.float(), w, **TOL[dtype])
+
+
+def test_unbatched_and_outside_the_block():
+    _, ext = make_pair(I, H, num_layers=2)
+    x = torch.randn(T, I)
+    with rnn_ext.per_sample_gradients(ext):
+        out, hn = ext(x)
+        (out.sum() + hn.sum()).backward()
+    assert all(p.grad_sample.shape == (1, *p.shape) for p in ext.parameters())
+    for p in ext.parameters():
+        torch.testing.assert_close(p.grad_sample[0], p.grad, **TOL[torch.float32])
+        p.grad_sample = None
+    ext(x)[0].sum().backward()  # outside the block: the usual path, no grad_sample
+    assert all(p.grad_sample is None for p in ext.parameters())
+    assert ext._per_sample is None
+
+
+def test_errors():
+    _, ext = make_pair(I, H, num_layers=2)
+    with pytest.raises(ValueError, match="contains no rnn_ext.RNN"):
+        with rnn_ext.per_sample_gradients(torch.nn.Linear(2, 2)):
+            pass
+    x = torch.randn(T, 4, I)
+    h0 = torch.zeros(2, 4, H)
+    w = list(ext._flat_weights)
+    out, hy, ws, noise = rnn_ext.ops.rnn_forward(x, h0, w, None, True, 2, False, False, 0.0,
+                                                 False, True)
+    args = (x, h0, w, None, out, ws, noise, torch.ones_like(out), None, True, 2, False, False,
+            [False, False])
+    with pytest.raises(RuntimeError, match="groups must divide the batch size 4"):
+        rnn_ext.ops.rnn_backward_per_sample(*args, 3)
+    with pytest.raises(RuntimeError, match="groups must divide"):
+        rnn_ext.ops.rnn_backward_per_sample(*args, 0)
+    # groups = 2: each pair of rows summed
+    _, _, gw = rnn_ext.ops.rnn_backward_per_sample(*args, 2)
+    _, _, g4 = rnn_ext.ops.rnn_backward_per_sample(*args, 4)
+    for a, b in zip(gw, g4):
+        torch.testing.assert_close(a, b.view(2, 2, *b.shape[1:]).sum(1))
+
+
+# --- torch.func ----------------------------------------------------------------------------
+
+class _Model(torch.nn.Module):
+    """An RNN inside a bigger model: a linear head on the last step and on h_n."""
+
+    def __init__(self, rnn_cls, dtype, **cfg):
+        super().__init__()
+        torch.manual_seed(3)
+        self.rnn = rnn_cls(I, H, batch_first=True, dtype=dtype, **cfg)
+        D = 2 if cfg.get("bidirectional") else 1
+        self.head = torch.nn.Linear(D * H + H, 3, dtype=dtype)
+
+    def forward(self, x):
+        out, hn = self.rnn(x)
+        return self.head(torch.cat([out[:, -1], hn[-1]], -1))
+
+
+def _loss(model, params, x, y):
+    logits = torch.func.functional_call(model, params, (x,))
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def _loop_grads(model, x, y):
+    """Per-sample gradients of every parameter, one torch.autograd.grad call per sample."""
+    rows = []
+    for b in range(x.shape[0]):
+        ps = dict(model.named_parameters())
+        loss = _loss(model, ps, x[b:b + 1], y[b:b + 1])
+        rows.append(dict(zip(ps, torch.autograd.grad(loss, list(ps.values())))))
+    return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
+
+
+class _Count:
+    """Counts calls of an rnn_ext.ops function (how many stacks ran)."""
+
+    def __init__(self, monkeypatch, name):
+        self.n = 0
+        fn = getattr(rnn_ext.ops, name)
+
+        def counted(*a, **k):
+            self.n += 1
+            return fn(*a, **k)
+
+        monkeypatch.setattr(rnn_ext.ops, name, counted)
+
+
+@pytest.mark.parametrize("cfg", [dict(num_layers=1), dict(num_layers=2, bidirectional=True),
+                                 dict(num_layers=2, nonlinearity="relu", bias=False)],
+                         ids=["plain", "bidir", "relu_nobias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_vmap_grad_runs_one_stack(cfg, dtype, monkeypatch):
+    """vmap(grad(loss)) over functional_call of a model containing rnn_ext.RNN: one forward
+    stack and one per-sample backward for the whole vmapped batch, equal to a loop of
+    single-sample gradients of rnn_ext and of torch.nn.RNN."""
+    from torch.func import grad, vmap
+
+    model = _Model(rnn_ext.RNN, dtype, **cfg)
+    ref = _Model(torch.nn.RNN, dtype, **cfg)
+    ref.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, I, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (B,), generator=g)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    fwd = _Count(monkeypatch, "rnn_forward")
+    bwd = _Count(monkeypatch, "rnn_backward_per_sample")
+    got = vmap(grad(lambda p, xb, yb: _loss(model, p, xb[None], yb[None])),
+               in_dims=(None, 0, 0))(params, x, y)
+    assert (fwd.n, bwd.n) == (1, 1)
+    for want in (_loop_grads(model, x, y), _loop_grads(ref, x, y)):
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], **TOL[dtype], msg=lambda s: f"{n}: {s}")
+
+
+def test_jacrev_of_per_sample_losses(monkeypatch):
+    """jacrev of the per-sample losses w.r.t. the parameters: the vmapped cotangents run one
+    BPTT stack; equal to per-sample gradients by a loop."""
+    from torch.func import functional_call, jacrev
+
+    model = _Model(rnn_ext.RNN, torch.float64, num_layers=2)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,), generator=g)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    bwd = _Count(monkeypatch, "rnn_backward_per_sample")
+
+    def losses(p):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y,
+                                                 reduction="none")
+
+    jac = jacrev(losses)(params)
+    assert bwd.n == 1
+    want = _loop_grads(model, x, y)
+    for n in want:
+        torch.testing.assert_close(jac[n], want[n], **TOL[torch.float64])
+
+
+def test_vmap_grad_hx_input_grads_and_second_order():
+    """Gradients w.r.t. the vmapped input and hx under vmap(grad), and a second-order
+    gradient (grad of grad) through the per-sample backward's own backward."""
+    from torch.func import grad, vmap
+
+    _, ext = make_pair(I, H, dtype=torch.float64, num_layers=2, bidirectional=True)
+    ref, _ = make_pair(I, H, dtype=torch.float64, num_layers=2, bidirectional=True)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(B, T, 1, I, generator=g, dtype=torch.float64)
+    h = torch.randn(B, 4, 1, H, generator=g, dtype=torch.float64)
+
+    def f(m, p, xb, hb):
+        out, hn = torch.func.functional_call(m, p, (xb, hb))
+        return out.pow(2).sum() + hn.sin().sum()
+
+    pe = {n: p.detach() for n, p in ext.named_parameters()}
+    pr = {n: p.detach() for n, p in ref.named_parameters()}
+    got = vmap(grad(lambda p, xb, hb: f(ext, p, xb, hb), argnums=(0, 1, 2)),
+               in_dims=(None, 0, 0))(pe, x, h)
+    for b in range(B):
+        ps = {n: p.clone().requires_grad_() for n, p in pr.items()}
+        xb, hb = x[b].clone().requires_grad_(), h[b].clone().requires_grad_()
+        gs = torch.autograd.grad(f(ref, ps, xb, hb), [*ps.values(), xb, hb])
+        for (n, _), gg in zip(ps.items(), gs):
+            torch.testing.assert_close(got[0][n][b], gg, **TOL[torch.float64])
+        torch.testing.assert_close(got[1][b], gs[-2], **TOL[torch.float64])
+        torch.testing.assert_close(got[2][b], gs[-1], **TOL[torch.float64])
+    # second order: d/dx of |d loss / d W_hh|^2, per sample
+    gg = vmap(grad(lambda xb: grad(lambda p: f(ext, p, xb, h[0]))(pe)["weight_hh_l0"]
+                   .pow(2).sum()))(x)
+    for b in (0, 3):
+        xb = x[b].clone().requires_grad_()
+        ps = {n: p.clone().requires_grad_() for n, p in pr.items()}
+        (gw,) = torch.autograd.grad(f(ref, ps, xb, h[0]), [ps["weight_hh_l0"]], create_graph=True)
+        (gx,) = torch.autograd.grad(gw.pow(2).sum(), xb)
+        torch.testing.assert_close(gg[b], gx, **TOL[torch.float64])
+
+
+def test_vmap_fallbacks_ensemble_and_packed():
+    """Vmapped weights (a model ensemble) keep the per-entry loop, with correct gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    ref, ext = make_pair(I, H, dtype=torch.float64, num_layers=2)
+    x = torch.randn(T, 2, I, dtype=torch.float64)
+    pe = {n: p.detach() for n, p in ext.named_parameters()}
+    stacked = {n: torch.stack([p * (1 + 0.1 * i) for i in range(3)]) for n, p in pe.items()}
+
+    def loss(m, p):
+        out, hn = functional_call(m, p, (x,))
+        return out.pow(2).sum() + hn.sum()
+
+    got = vmap(grad(lambda p: loss(ext, p)))(stacked)
+    for i in range(3):
+        ps = {n: stacked[n][i].clone().requires_grad_() for n in stacked}
+        for (n, p), gg in zip(ps.items(), torch.autograd.grad(loss(ref, ps), list(ps.values()))):
+            torch.testing.assert_close(got[n][i], gg, **TOL[torch.float64])
+
+
+# --- Opacus --------------------------------------------------------------------------------
+
+opacus = pytest.importorskip("opacus")
+
+
+class _Clf(torch.nn.Module):
+    def __init__(self, rnn, use_h=True):
+        super().__init__()
+        self.rnn, self.use_h = rnn, use_h
+        D = 2 if rnn.bidirectional else 1
+        self.head = torch.nn.Linear(D * rnn.hidden_size, 3, dtype=rnn.weight_hh_l0.dtype)
+
+    def forward(self, x):
+        out, hn = self.rnn(x)
+        if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+            out, _ = pad_packed_sequence(out, batch_first=True)
+        feat = torch.cat([hn[-1], hn[-2]], -1) if self.rnn.bidirectional else hn[-1]
+        if not self.use_h:
+            feat = out[:, -1] if not self.rnn.bidirectional else out[:, 0]
+        return self.head(feat)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", ["h_n", "output", "bidir_dropout", "packed"])
+def test_opacus_grad_sample_module(case, reduction):
+    """GradSampleModule on a model with rnn_ext.RNN: grad_sample of every parameter (the
+    RNN's through its own per-sample backward, using the gradient of h_n as well as the
+    output's) equals a loop of single-sample gradients; nothing registered by the user."""
+    from opacus import GradSampleModule
+
+    cfg = dict(num_layers=2, batch_first=True)
+    if case == "bidir_dropout":
+        cfg.update(bidirectional=True, dropout=0.4)
+    torch.manual_seed(1)
+    rnn = rnn_ext.RNN(I, H, dtype=torch.float64, **cfg)
+    model = _Clf(rnn, use_h=case != "output")
+    gsm = GradSampleModule(model, loss_reduction=reduction)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,), generator=g)
+    lengths = torch.tensor(LENGTHS)
+
+    def inp(idx):
+        if case != "packed":
+            return x[idx]
+        return pack_padded_sequence(x[idx], lengths[idx], batch_first=True, enforce_sorted=False)
+
+    torch.manual_seed(9)
+    loss = torch.nn.functional.cross_entropy(gsm(inp(list(range(B)))), y, reduction=reduction)
+    loss.backward()
+    got = {n: p.grad_sample for n, p in model.named_parameters()}
+    # the reference: one grad call per sample (same dropout masks: one batched forward)
+    gsm.disable_hooks()
+    torch.manual_seed(9)
+    losses = torch.nn.functional.cross_entropy(model(inp(list(range(B)))), y, reduction="none")
+    for b in range(B):
+        gs = torch.autograd.grad(losses[b], list(model.parameters()), retain_graph=True)
+        for (n, _), gg in zip(model.named_parameters(), gs):
+            torch.testing.assert_close(got[n][b], gg, **TOL[torch.float64],
+                                       msg=lambda s: f"{n}[{b}]: {s}")
+    if case == "packed":  # and each sample on its own
+        for b in (0, 3):
+            ls = torch.nn.functional.cross_entropy(model(inp([b])), y[b:b + 1])
+            gs = torch.autograd.grad(ls, list(rnn.parameters()))
+            for (n, _), gg in zip(rnn.named_parameters(), gs):
+                torch.testing.assert_close(got["rnn." + n][b], gg, **TOL[torch.float64])
+
+
+def test_opacus_make_private_trains():
+    """PrivacyEngine.make_private on a model with rnn_ext.RNN: DP-SGD steps run (per-sample
+    clipping needs every parameter's grad_sample), the loss goes down and epsilon is spent."""
+    from opacus import PrivacyEngine
+
+    torch.manual_seed(0)
+    model = _Clf(rnn_ext.RNN(I, H, num_layers=2, batch_first=True))
+    x = torch.randn(64, T, I)
+    y = (x[:, :, 0].sum(1) > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = PrivacyEngine()
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                            noise_multiplier=0.3, max_grad_norm=1.0)
+    losses = []
+    for _ in range(6):
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            assert all(p.grad_sample is not None for p in model.parameters())
+            opt.step()
+            losses.append(loss.item())
+    assert engine.get_epsilon(1e-5) > 0
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+@pytest.mark.parametrize("first", ["rnn_ext", "opacus"])
+def test_opacus_registration_without_importing_opacus(first):
+    """`import rnn_ext` does not import opacus; importing opacus before or after rnn_ext
+    registers rnn_ext.RNN's grad sampler."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    check = ("import opacus.grad_sample as g, rnn_ext; "
+             "assert g.GradSampleModule.GRAD_SAMPLERS[rnn_ext.RNN] is "
+             "rnn_ext.dp._opacus_grad_sampler")
+    code = ("import sys, rnn_ext; assert 'opacus' not in sys.modules; " + check
+            if first == "rnn_ext" else "import opacus; " + check)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
