@@ -420,3 +420,23 @@ def test_rnn_jvp_checks_its_tangents():
     # all tangents None: zero tangents
     ot, ht = ops.rnn_jvp(*args, None, None, [None] * 4, True, 1, False, False)
     assert not ot.any() and not ht.any()
+
+
+@pytest.mark.parametrize("packed,requires_grad", [(False, False), (True, False), (False, True)])
+def test_opcheck_rnn_jvp(packed, requires_grad):
+    """Schema, fake kernel, autograd registration and tracing of the rnn_jvp op.  (Not packed
+    with requires_grad: the op's backward differentiates rnn_ext.reference, whose packed loop
+    reads batch_sizes, which opcheck's aot_dispatch tracing cannot.)"""
+    _, ext = _pair(dict(num_layers=2, bidirectional=True))
+    x, hx = _inputs(ext, T=3, B=2)
+    bs = None
+    if packed:
+        p = pack_padded_sequence(x, torch.tensor([3, 1]))
+        x, bs = p.data, p.batch_sizes
+    w = [q.detach() for q in ext._flat_weights]
+    out, _, ws, noise = ops.rnn_forward(x, hx, w, bs, True, 2, True, False, 0.0, False, True)
+    rg = lambda t: t.clone().requires_grad_(requires_grad)  # noqa: E731
+    wt = [torch.randn_like(q) if i % 3 == 0 else None for i, q in enumerate(w)]
+    args = (rg(x), rg(hx), [rg(q) for q in w], bs, out, ws, noise, rg(torch.randn_like(x)),
+            None, wt, True, 2, True, False)
+    torch.library.opcheck(ops.rnn_jvp, args)
