@@ -372,13 +372,13 @@ def test_gradcheck_forward_ad_packed_and_dropout(path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_lower_precision_tangents(dtype, path):
-    """float32 against the float64 truth; float16 / bfloat16 (computed in float32) against
-    float32, within their rounding."""
+    """float32, float16 and bfloat16 (computed in float32) against torch.nn.RNN's float64
+    tangents, within their rounding."""
     cfg = dict(num_layers=2, bidirectional=True)
-    _, ext64 = _pair(cfg)
+    ref64, ext64 = _pair(cfg)
     x, hx = _inputs(ext64)
     t = _tangents(ext64, x, hx)
-    want = eager_jvp(ext64, x, hx, t)
+    want = eager_jvp(ref64, x, hx, t)  # torch.nn.RNN, float64
     m = rnn_ext.RNN(3, 4, dtype=dtype, **cfg)
     m.load_state_dict(ext64.state_dict())
     got = eager_jvp(m, x.to(dtype), hx.to(dtype), {k: v.to(dtype) for k, v in t.items()})
@@ -440,3 +440,31 @@ def test_opcheck_rnn_jvp(packed, requires_grad):
     args = (rg(x), rg(hx), [rg(q) for q in w], bs, out, ws, noise, rg(torch.randn_like(x)),
             None, wt, True, 2, True, False)
     torch.library.opcheck(ops.rnn_jvp, args)
+
+
+@pytest.mark.parametrize("B,H,lengths", [(8, 32, None), (1, 96, None), (8, 32, [6, 6, 5, 4, 4, 2, 2, 1]),
+                                         (3, 64, [6, 3, 5])])
+def test_float32_team_recurrence(B, H, lengths):
+    """float32 at sizes where the recurrence runs on a team of threads (rows or columns of h,
+    B*H*H >= 2^13 with 2 threads) and the AVX2 step kernel: fused tangents against torch.nn.RNN's
+    float64 ones, dense and packed ragged, two bidirectional layers, every tangent."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        cfg = dict(num_layers=2, bidirectional=True)
+        ref64, ext64 = _pair(cfg, I=5, H=H)
+        x, hx = _inputs(ext64, T=6, B=B)
+        if lengths is not None:
+            x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        t = _tangents(ext64, x, hx)
+        want = eager_jvp(ref64, x, hx, t)  # torch.nn.RNN, float64
+        ext32 = rnn_ext.RNN(5, H, dtype=torch.float32, **cfg)
+        ext32.load_state_dict(ext64.state_dict())
+        x32 = x.float() if isinstance(x, torch.Tensor) else PackedSequence(
+            x.data.float(), *x[1:])
+        got = eager_jvp(ext32, x32, hx.float(),
+                        {k: v.float() for k, v in t.items()})
+        for g, w in zip(got, want):
+            close(g.double(), w, tol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
