@@ -163,6 +163,26 @@ void check_groups(const Geometry& g, int64_t groups) {
               " (and be positive for a non-empty batch), got ", groups);
 }
 
+void check_jvp_args(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                    const std::optional<at::Tensor>& input_t,
+                    const std::optional<at::Tensor>& hx_t,
+                    const c10::List<std::optional<at::Tensor>>& weights_t) {
+  auto check = [](const std::optional<at::Tensor>& t, const at::Tensor& like, const char* what) {
+    if (!t.has_value() || !t->defined()) return;
+    TORCH_CHECK(t->sizes() == like.sizes(), "rnn_ext::rnn_jvp: the tangent of ", what,
+                " has shape ", t->sizes(), ", expected ", like.sizes());
+    TORCH_CHECK(t->device() == like.device(), "rnn_ext::rnn_jvp: the tangent of ", what,
+                " is on ", t->device(), ", expected ", like.device());
+    TORCH_CHECK(t->is_floating_point(), "rnn_ext::rnn_jvp: the tangent of ", what,
+                " must be a floating point tensor, got ", t->scalar_type());
+  };
+  check(input_t, input, "input");
+  check(hx_t, hx, "hx");
+  TORCH_CHECK(weights_t.size() == weights.size(), "rnn_ext::rnn_jvp: expected ", weights.size(),
+              " weight tangents (one per weight, None for zero), got ", weights_t.size());
+  for (size_t i = 0; i < weights.size(); ++i) check(weights_t.get(i), weights[i], "a weight");
+}
+
 void check_dropout(double dropout, bool train, int64_t num_layers) {
   TORCH_CHECK(!(train && num_layers > 1 && dropout != 0) || (dropout >= 0 && dropout <= 1),
               "dropout probability has to be between 0 and 1, but got ", dropout);

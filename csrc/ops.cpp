@@ -149,6 +149,12 @@ TORCH_LIBRARY(rnn_ext, m) {
       "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
       "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[2] output_mask, "
       "int groups) -> (Tensor, Tensor, Tensor[])");
+  // Forward-mode AD: the tangents of (output, h_n) for the tangents of input, hx and each
+  // weight (None: zero), from a forward run with need_grad (its output, workspace and noise).
+  m.def(
+      "rnn_jvp(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, Tensor output, "
+      "Tensor workspace, Tensor noise, Tensor? input_t, Tensor? hx_t, Tensor?[] weights_t, "
+      "bool has_biases, int num_layers, bool bidirectional, bool relu) -> (Tensor, Tensor)");
   m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
@@ -163,6 +169,7 @@ TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
   m.impl("rnn_forward", &rnn_forward_cpu);
   m.impl("rnn_backward", &rnn_backward_cpu);
   m.impl("rnn_backward_per_sample", &rnn_backward_per_sample_cpu);
+  m.impl("rnn_jvp", &rnn_jvp_cpu);
 }
 
 #ifdef RNN_EXT_WITH_CUDA

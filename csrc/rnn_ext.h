@@ -89,6 +89,24 @@ BackwardResult rnn_backward_per_sample_cpu(
 
 // groups must be >= 0 and divide the batch (0 only for an empty batch).
 void check_groups(const Geometry& g, int64_t groups);
+// Forward-mode AD: the tangents of output and h_n (same shapes) for the tangents of input, hx
+// and each weight (undefined / nullopt: zero), from a forward run with need_grad (its output,
+// workspace and noise).  CPU only (see rnn_ext/ops.py for the other devices).
+using JvpResult = std::tuple<at::Tensor, at::Tensor>;
+
+// The checks of rnn_jvp's tangents: each has its primal's shape, and one per weight.
+void check_jvp_args(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                    const std::optional<at::Tensor>& input_t,
+                    const std::optional<at::Tensor>& hx_t,
+                    const c10::List<std::optional<at::Tensor>>& weights_t);
+
+JvpResult rnn_jvp_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                      const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+                      const at::Tensor& workspace, const at::Tensor& noise,
+                      const std::optional<at::Tensor>& input_t,
+                      const std::optional<at::Tensor>& hx_t,
+                      const c10::List<std::optional<at::Tensor>>& weights_t, bool has_biases,
+                      int64_t num_layers, bool bidirectional, bool relu);
 
 #ifdef RNN_EXT_WITH_CUDA
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,

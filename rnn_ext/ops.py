@@ -7,15 +7,19 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
 from . import onnx, reference
 
-__all__ = ["rnn_forward", "rnn_backward", "rnn_backward_per_sample"]
+__all__ = ["rnn_forward", "rnn_backward", "rnn_backward_per_sample", "rnn_jvp"]
 
 rnn_forward = torch.ops.rnn_ext.rnn_forward.default
 rnn_backward = torch.ops.rnn_ext.rnn_backward.default
 rnn_backward_per_sample = torch.ops.rnn_ext.rnn_backward_per_sample.default
+rnn_jvp = torch.ops.rnn_ext.rnn_jvp.default
 
 
 def _saves_noise(train: bool, dropout: float, num_layers: int) -> bool:
@@ -108,6 +112,82 @@ def _rnn_backward_per_sample_fake(
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty((groups, *w.shape)) for w in weights]
     return grad_input, grad_hx, grad_weights
+@torch.library.register_fake("rnn_ext::rnn_jvp")
+def _rnn_jvp_fake(
+    input, hx, weights, batch_sizes, output, workspace, noise, input_t, hx_t, weights_t,
+    has_biases, num_layers, bidirectional, relu,
+):
+    _check_same_device(input, hx, weights, output, workspace, noise, input_t, hx_t,
+                       *[t for t in weights_t if t is not None])
+    _check_batch_sizes(batch_sizes)
+    return output.new_empty(output.shape), hx.new_empty(hx.shape)
+
+
+@torch.library.register_vmap("rnn_ext::rnn_jvp")
+def _rnn_jvp_vmap(info, in_dims, input, hx, weights, batch_sizes, output, workspace, noise,
+                  input_t, hx_t, weights_t, has_biases, num_layers, bidirectional, relu):
+    """vmap of the fused jvp (jacfwd batches the tangents): once per vmapped entry, as
+    _FuncRNN.vmap does for the forward."""
+    tensors = (input, hx, output, workspace, noise, input_t, hx_t)
+    dims = (in_dims[0], in_dims[1], in_dims[4], in_dims[5], in_dims[6], in_dims[7], in_dims[8])
+    w_dims, wt_dims = in_dims[2], in_dims[9]
+    pick = lambda t, d, v: t if t is None or d is None else t.select(d, v)  # noqa: E731
+    outs = []
+    for v in range(info.batch_size):
+        x, h, o, ws, nz, xt, ht = (pick(t, d, v) for t, d in zip(tensors, dims))
+        w = [pick(t, d, v) for t, d in zip(weights, w_dims or [None] * len(weights))]
+        wt = [pick(t, d, v) for t, d in zip(weights_t, wt_dims or [None] * len(weights_t))]
+        outs.append(rnn_jvp(x, h, w, batch_sizes, o, ws, nz, xt, ht, wt, has_biases,
+                            num_layers, bidirectional, relu))
+    return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
+
+
+def _jvp_setup_context(ctx, inputs, output):
+    (input, hx, weights, batch_sizes, out, ws, noise, input_t, hx_t, weights_t, has_biases,
+     num_layers, bidirectional, relu) = inputs
+    ctx.config = (has_biases, num_layers, bidirectional, relu)
+    ctx.batch_sizes = batch_sizes
+    ctx.counts = (len(weights), input_t is not None, hx_t is not None,
+                  [t is not None for t in weights_t])
+    ctx.save_for_backward(input, hx, out, ws, noise, input_t, hx_t, *weights,
+                          *[t for t in weights_t if t is not None])
+
+
+def _jvp_backward(ctx, grad_out_t, grad_hy_t):
+    """Reverse mode through the fused jvp (e.g. a dual input that requires grad, then backward
+    through its tangent): rnn_ext.reference's jvp recomputed with the same noise, differentiated
+    with torch.autograd.grad.  The total derivative w.r.t. input, hx and the weights; none for
+    output / workspace / noise, which are the forward's caches."""
+    nw, has_xt, has_ht, has_wt = ctx.counts
+    input, hx, out, ws, noise, input_t, hx_t, *rest = ctx.saved_tensors
+    weights, given = rest[:nw], iter(rest[nw:])
+    weights_t = [next(given) if h else None for h in has_wt]
+    saved = (input, hx, ctx.batch_sizes, out, ws, noise, *weights)
+    wrt = [input, hx, *weights]
+    zeros = [torch.zeros_like(p) for p in wrt]
+    tangents = [t if t is not None else z
+                for t, z in zip((input_t, hx_t, *weights_t), zeros)]
+    with torch.enable_grad():
+        prims = [p.detach().requires_grad_() for p in wrt]
+        tans = [t.detach().requires_grad_() for t in tangents]
+        saved = (prims[0], prims[1], ctx.batch_sizes, out, ws, noise, *prims[2:])
+        out_t, hy_t = _reference_tangents(saved, ctx.config, tans[0], tans[1], tans[2:])
+        outs, grads = [], []
+        for o, g in ((out_t, grad_out_t), (hy_t, grad_hy_t)):
+            if g is not None:
+                outs.append(o)
+                grads.append(g)
+        got = torch.autograd.grad(outs, prims + tans, grads, allow_unused=True)
+    got = [torch.zeros_like(p) if g is None else g for g, p in zip(got, prims + tans)]
+    gp, gt = got[:len(prims)], got[len(prims):]
+    # (torch.library passes no gradient to a Tensor?[] argument: _fused_jvp_applies keeps
+    # weight tangents that require grad off this path)
+    return (gp[0], gp[1], gp[2:], None, None, None, None, gt[0] if has_xt else None,
+            gt[1] if has_ht else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("rnn_ext::rnn_jvp", _jvp_backward,
+                                setup_context=_jvp_setup_context)
 
 
 def _setup_context(ctx, inputs, output):
@@ -215,9 +295,11 @@ class _FuncRNN(torch.autograd.Function):
     """The op's autograd again, as an autograd.Function with a separate setup_context: the one
     torch.library generates from register_autograd has none, and torch.func transforms refuse
     it (pytorch/pytorch#168393, #170834).  Used only under torch.func (grad, grad_and_value,
-    vjp, functional_call, vmap); same saved tensors and backward as the registered autograd.
-    vmap runs the stack once per vmapped entry (the kernels have no batching rule of their
-    own), which covers batched inputs, states and weights (model ensembles) alike."""
+    vjp, functional_call, vmap, jvp) and forward-mode AD (its jvp); same saved tensors and
+    backward as the registered autograd.
+    vmap joins the vmapped entries into one stack where the weights are unbatched and the
+    input dense (per-sample gradients), else runs the stack once per vmapped entry (vmapped
+    weights: model ensembles; packed input)."""
 
     @staticmethod
     def forward(input, hx, batch_sizes, config, *weights):
@@ -248,6 +330,16 @@ class _FuncRNN(torch.autograd.Function):
         # saved tensors come back as functorch wrappers, which have no data to read sizes from
         ctx.batch_sizes = batch_sizes
         ctx.save_for_backward(input, hx, out, ws, noise, *weights)
+        ctx.save_for_forward(input, hx, out, ws, noise, *weights)
+
+    @staticmethod
+    def jvp(ctx, input_t, hx_t, _batch_sizes_t, _config_t, *weights_t):
+        # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian):
+        # the tangents of output and h_n from the saved forward (see _tangents)
+        input, hx, *rest = ctx.saved_tensors
+        saved = (input, hx, ctx.batch_sizes, *rest)
+        out_t, hy_t = _tangents(saved, ctx.config, input_t, hx_t, weights_t)
+        return out_t, hy_t, None, None
 
     @staticmethod
     def backward(ctx, grad_output, grad_hy, _grad_ws, _grad_noise):
@@ -436,6 +528,62 @@ class _PerSampleRNN(torch.autograd.Function):
         summed = [g.sum(0) if nd else None for g, nd in zip(gw, n[5:])]
         ctx.sink(gw)  # (after the sums: the sink owns gw and may scale it in place)
         return (gi if n[0] else None, ghx if n[1] else None, None, None, None, *summed)
+def _reference_tangents(saved, config, input_t, hx_t, weights_t):
+    """(output tangent, h_n tangent) by differentiating rnn_ext.reference in forward mode
+    (torch.func.jvp) with the same batch sizes and dropout noise: the path where the fused
+    rnn_jvp kernel does not apply."""
+    input, hx, _batch_sizes, _out, _ws, _noise, *weights = saved
+    primals = (input, hx, *weights)
+    tangents = tuple(torch.zeros_like(p) if t is None else t
+                     for p, t in zip(primals, (input_t, hx_t, *weights_t)))
+    f = _reference_of(saved, config)
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level < 0:
+        _, (out_t, hy_t) = torch.func.jvp(f, primals, tangents)
+        return out_t, hy_t
+    # inside torch.autograd.forward_ad's dual level (forward AD does not nest): duals at that
+    # same level (autograd runs a jvp rule with forward grad off), of the primals themselves, so
+    # that the tangents stay differentiable in reverse mode
+    with _forward_ad._set_fwd_grad_enabled(True):
+        duals = [_forward_ad.make_dual(_forward_ad.unpack_dual(p).primal, t)
+                 for p, t in zip(primals, tangents)]
+        out, hy = f(*duals)
+        return _forward_ad.unpack_dual(out).tangent, _forward_ad.unpack_dual(hy).tangent
+
+
+# the dispatch key the legacy vmap (torch._vmap_internals, used by gradcheck's
+# check_batched_forward_grad) includes while it runs
+_LEGACY_VMAP_MODE = torch._C._parse_dispatch_key("VmapMode")
+
+
+def _fused_jvp_applies(saved, tangents):
+    """Whether the fused rnn_jvp kernel computes these tangents: on the CPU (the CUDA build has
+    no rnn_jvp kernel); not under the legacy torch._vmap_internals vmap (which has no rule for
+    the op; torch.func.vmap has, _rnn_jvp_vmap); and not under a torch.func reverse-mode level
+    (reverse-over-forward, e.g. jacrev(jacfwd(f))), which refuses torch.library's autograd
+    (see _FuncRNN).  Eager reverse mode through the kernel has its autograd (_jvp_backward)."""
+    if saved[0].device.type != "cpu":
+        return False
+    if torch._C._dispatch_tls_is_dispatch_key_included(_LEGACY_VMAP_MODE):
+        return False
+    if torch._C._are_functorch_transforms_active() and any(
+            i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+        return False  # a torch.func reverse-mode level is active around this jvp
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tangents[2:]):
+        return False  # weight tangents that require grad: see _jvp_backward
+    return True
+
+
+def _tangents(saved, config, input_t, hx_t, weights_t):
+    """The jvp of the stack: tangents of (output, h_n) for the tangents of input, hx and each
+    weight (None: zero) at the forward that saved `saved` (as _reference_of reads it): the
+    fused rnn_jvp kernel (one more forward's worth of work), else rnn_ext.reference
+    differentiated in forward mode."""
+    if not _fused_jvp_applies(saved, (input_t, hx_t, *weights_t)):
+        return _reference_tangents(saved, config, input_t, hx_t, weights_t)
+    input, hx, batch_sizes, out, ws, noise, *weights = saved
+    has_biases, num_layers, bidirectional, relu = config
+    return rnn_jvp(input, hx, weights, batch_sizes, out, ws, noise, input_t, hx_t,
+                   list(weights_t), has_biases, num_layers, bidirectional, relu)
 
 
 def rnn(
@@ -462,9 +610,11 @@ def rnn(
         config = (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout,
                   bool(train))
         return _PerSampleRNN.apply(input, hx, batch_sizes, config, per_sample, *weights)
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        # under torch.func transforms: the op through _FuncRNN (same autograd, with the
-        # setup_context functorch requires)
+    if (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0) \
+            and not torch.compiler.is_compiling():
+        # under torch.func transforms, or inside a torch.autograd.forward_ad.dual_level (the
+        # C++ node of the eager path has no jvp): the op through _FuncRNN (same autograd, with
+        # the setup_context functorch requires, and a jvp)
         out, hy, _ws, _noise = _FuncRNN.apply(
             input, hx, batch_sizes,
             (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout, bool(train)),

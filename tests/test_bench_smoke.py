@@ -98,3 +98,19 @@ def test_issue5_summary_from_a_gpu_check_run(tmp_path):
                                   "layer_step_within_2x_barrier": True}
     assert json.loads((tmp_path / "issue5_summary.json").read_text()) == json.loads(
         json.dumps(res))
+
+
+def test_jvp_bench_smoke(tmp_path):
+    """bench/jvp.py (forward-mode AD timing) runs on a tiny grid and writes its JSON."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "jvp.py"), "--grid", "3,2,2,3,2",
+           "--tangents", "all", "--repeats", "1", "--min-sample-ms", "1", "--out", str(tmp_path),
+           "--name", "jvp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "jvp.json") as f:
+        res = json.load(f)
+    for key in ("date", "command", "machine", "config", "rows"):
+        assert key in res
+    (row,) = res["rows"]
+    assert set(row["median_ms"]) == {"fwd", "jvp", "jvp_ref", "torch_jvp"}
+    assert row["max_abs_diff_vs_torch"] < 1e-4  # the contenders computed the same tangents

@@ -753,6 +753,184 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   return {grad_input, grad_hx, grad_w};
 }
 
+// ---- Forward-mode AD (jvp) ----
+//
+// The tangent of h_t = act(z_t), z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh, is itself a
+// linear recurrence with the forward's step:
+//   dh_t = act'(z_t) * (dx_t W_ih^T + x_t dW_ih^T + db_ih + db_hh + h_{t-1} dW_hh^T
+//                       + dh_{t-1} W_hh^T)
+// Everything but the last product is known for all steps up front (the forward's outputs are
+// saved), so per layer and direction it is a few large GEMMs for the input side of every step,
+// then the recurrence of the forward with act' (from the saved h_t) in place of act.
+
+// rows x columns [c0, c1) of dz (row stride ld) times act'(z), read from h = act(z) with the same
+// layout: tanh: 1 - h^2; relu: 0 where h <= 0 (NaN passes, as torch's relu jvp).
+template <typename T>
+void mul_act_derivative(bool relu, const T* h, T* dz, int64_t rows, int64_t c0, int64_t c1,
+                        int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* hr = h + r * ld;
+    T* zr = dz + r * ld;
+    if (relu) {
+      for (int64_t j = c0; j < c1; ++j) zr[j] = hr[j] <= T(0) ? T(0) : zr[j];
+    } else {
+      for (int64_t j = c0; j < c1; ++j) zr[j] *= T(1) - hr[j] * hr[j];
+    }
+  }
+}
+
+// The tangent recurrence of one direction of one layer, on the forward's walk (packed
+// continuation, teams): tan holds the input-side tangent of every step and ends as the
+// tangent of the direction's output (same layout as h_out, the saved output); dh0: (B, H).
+template <typename T>
+void recur_tangent(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dh0,
+                   T* tan) {
+  const int64_t H = g.H, ld = g.D * g.H;
+  auto h_of = [&](const T* z) { return h_out + (z - tan); };  // the saved h_t of z's rows
+  if constexpr (std::is_same_v<T, float>) {
+    const bool on_team = run_on_team(
+        g, c.panel,
+        [&](const RowShare& rs) {
+          walk_forward<float>(
+              g, d, dh0, tan, 0, g.T, rs.r0, rs.r1,
+              [&](const float* a, int64_t lda, int64_t rows, float* z) {
+                if (rows == 0) return;
+                cpu::step_gemm(rows, H, H, a, lda, c.panel, z, ld, true, cpu::StepAct::kNone);
+                mul_act_derivative<float>(g.relu, h_of(z), z, rows, 0, H, ld);
+              },
+              [] {});
+        },
+        [&](const Share& sh) {
+          walk_forward<float>(
+              g, d, dh0, tan, 0, g.T, 0, g.B,
+              [&](const float* a, int64_t lda, int64_t rows, float* z) {
+                if (rows == 0) return;
+                cpu::step_gemm_blocks(sh.jb0, sh.jb1, rows, H, H, a, lda, c.panel, z, ld, true,
+                                      cpu::StepAct::kNone);
+                mul_act_derivative<float>(g.relu, h_of(z), z, rows, sh.c0, sh.c1, ld);
+              },
+              [] { barrier(); });
+        });
+    if (on_team) return;
+  }
+  walk_forward<T>(
+      g, d, dh0, tan, 0, g.T, 0, g.B,
+      [&](const T* a, int64_t lda, int64_t rows, T* z) {
+        if (rows == 0) return;
+        bool done = false;
+        if constexpr (std::is_same_v<T, float>) {
+          if (c.panel != nullptr && !blas_step(rows, H)) {
+            cpu::step_gemm(rows, H, H, a, lda, c.panel, z, ld, true, cpu::StepAct::kNone);
+            done = true;
+          }
+        }
+        if (!done) gemm<T>(false, true, rows, H, H, T(1), a, lda, c.w_hh, H, T(1), z, ld);
+        mul_act_derivative<T>(g.relu, h_of(z), z, rows, 0, H, ld);
+      },
+      [] {});
+}
+
+// w_t: the weights' tangents (undefined: zero), in the compute dtype, contiguous.
+template <typename T>
+JvpResult jvp_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& hx,
+                   const std::vector<at::Tensor>& w, const at::Tensor& output,
+                   const at::Tensor& ws, const at::Tensor& noise, const at::Tensor& input_t,
+                   const at::Tensor& hx_t, const std::vector<at::Tensor>& w_t) {
+  const int64_t H = g.H, DH = g.D * g.H, L = g.L, layer_elems = g.N * DH;
+  const auto dt = input.scalar_type();
+  const bool has_noise = noise.numel() > 0;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor x_t = input_t.defined() ? input_t.contiguous() : at::Tensor();
+  at::Tensor dh0;
+  if (hx_t.defined()) {
+    dh0 = hx_t.contiguous();
+  } else {
+    dh0 = new_tensor({L * g.D, g.B, H}, dt);
+    std::fill_n(dh0.data_ptr<T>(), dh0.numel(), T(0));
+  }
+  const T* noise_p = has_noise ? noise.data_ptr<T>() : nullptr;  // (L-1, N, DH)
+
+  at::Tensor out_t = g.packed ? new_tensor({g.N, DH}, dt) : new_tensor({g.T, g.B, DH}, dt);
+  at::Tensor hy_t = new_tensor({L * g.D, g.B, H}, dt);
+  // tangents of layers 0..L-2 (only the previous layer's is read: two alternating slots)
+  at::Tensor inner_t = new_tensor({std::min<int64_t>(L - 1, 2), g.N, DH}, dt);
+  std::vector<const T*> outs(L);
+  std::vector<T*> tans(L);
+  for (int64_t l = 0; l < L; ++l) {
+    outs[l] = l == L - 1 ? out_c.data_ptr<T>() : ws.data_ptr<T>() + l * layer_elems;
+    tans[l] = l == L - 1 ? out_t.data_ptr<T>() : inner_t.data_ptr<T>() + (l % 2) * layer_elems;
+  }
+  at::Tensor dropped = has_noise ? new_tensor({2, g.N, DH}, dt) : at::Tensor();
+  at::Tensor prev = new_tensor({g.N, H}, dt);
+  const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/true);
+  auto tangent_of = [&](int64_t i) -> const T* {
+    return w_t[i].defined() ? w_t[i].data_ptr<T>() : nullptr;
+  };
+
+  for (int64_t l = 0; l < L; ++l) {
+    // what layer l reads, and its tangent (layer l-1's, after the same dropout mask)
+    const T* xin = x.data_ptr<T>();
+    const T* xin_t = x_t.defined() ? x_t.data_ptr<T>() : nullptr;
+    if (l > 0) {
+      xin = outs[l - 1];
+      xin_t = tans[l - 1];
+      if (has_noise) {
+        T* dx = dropped.data_ptr<T>();
+        T* dx_t = dx + layer_elems;
+        mul_rows<T>(dx, outs[l - 1], noise_p + (l - 1) * layer_elems, 0, g.N, DH);
+        mul_rows<T>(dx_t, tans[l - 1], noise_p + (l - 1) * layer_elems, 0, g.N, DH);
+        xin = dx;
+        xin_t = dx_t;
+      }
+    }
+    const int64_t in_size = g.layer_input_size(l);
+    for (int64_t d = 0; d < g.D; ++d) {
+      const int64_t base = (l * g.D + d) * g.weights_per_cell();
+      const Cell<T> c = cell_with_panel<T>(w, panels, g, l, d);
+      T* tan = tans[l] + d * H;
+      const T* dh0_ld = dh0.data_ptr<T>() + (l * g.D + d) * g.B * H;
+      // the input side of every step: db_ih + db_hh + dx W_ih^T + x dW_ih^T + h_prev dW_hh^T
+      const T* db_ih = g.has_biases ? tangent_of(base + 2) : nullptr;
+      const T* db_hh = g.has_biases ? tangent_of(base + 3) : nullptr;
+      T beta = T(0);
+      if (db_ih != nullptr || db_hh != nullptr) {
+        for (int64_t r = 0; r < g.N; ++r) {
+          T* row = tan + r * DH;
+          for (int64_t j = 0; j < H; ++j) {
+            row[j] = (db_ih != nullptr ? db_ih[j] : T(0)) + (db_hh != nullptr ? db_hh[j] : T(0));
+          }
+        }
+        beta = T(1);
+      }
+      if (g.N > 0) {
+        if (xin_t != nullptr) {
+          gemm<T>(false, true, g.N, H, in_size, T(1), xin_t, in_size, c.w_ih, in_size, beta, tan,
+                  DH);
+          beta = T(1);
+        }
+        if (const T* dw_ih = tangent_of(base)) {
+          gemm<T>(false, true, g.N, H, in_size, T(1), xin, in_size, dw_ih, in_size, beta, tan, DH);
+          beta = T(1);
+        }
+        if (const T* dw_hh = tangent_of(base + 1)) {
+          gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
+                         prev.data_ptr<T>());
+          gemm<T>(false, true, g.N, H, H, T(1), prev.data_ptr<T>(), H, dw_hh, H, beta, tan, DH);
+          beta = T(1);
+        }
+      }
+      if (beta == T(0)) {  // no input-side tangent at all
+        for (int64_t r = 0; r < g.N; ++r) std::fill_n(tan + r * DH, H, T(0));
+      }
+      recur_tangent<T>(g, d, c, outs[l] + d * H, dh0_ld, tan);
+      gather_final<T>(g, d, tan, dh0_ld, hy_t.data_ptr<T>() + (l * g.D + d) * g.B * H);
+    }
+  }
+  return {out_t, hy_t};
+}
+
 bool is_reduced(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // t in dtype dt, contiguous; t itself (no dispatch) when it already is.
@@ -854,6 +1032,36 @@ BackwardResult rnn_backward_per_sample_cpu(
   return backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
                       grad_hy, has_biases, num_layers, bidirectional, relu,
                       {output_mask[0], output_mask[1], true}, groups);
+}
+
+JvpResult rnn_jvp_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                      const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+                      const at::Tensor& workspace, const at::Tensor& noise,
+                      const std::optional<at::Tensor>& input_t,
+                      const std::optional<at::Tensor>& hx_t,
+                      const c10::List<std::optional<at::Tensor>>& weights_t, bool has_biases,
+                      int64_t num_layers, bool bidirectional, bool relu) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const Geometry g =
+      geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
+  check_backward_args(g, hx, output, workspace, noise, std::nullopt, std::nullopt);
+  check_jvp_args(input, hx, weights, input_t, hx_t, weights_t);
+  const auto dt = input.scalar_type();
+  const auto ct = is_reduced(dt) ? at::kFloat : dt;  // float16 / bfloat16: in float32
+  std::vector<at::Tensor> w_t;
+  for (size_t i = 0; i < weights_t.size(); ++i) {
+    const std::optional<at::Tensor> t = weights_t.get(i);
+    w_t.push_back(t.has_value() && t->defined() ? as_dtype(*t, ct) : at::Tensor());
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    return jvp_impl<T>(g, as_dtype(input, ct), as_dtype(hx, ct), as_dtype(weights, ct),
+                       as_dtype(output, ct), as_dtype(workspace, ct), as_dtype(noise, ct),
+                       opt_to(input_t, ct), opt_to(hx_t, ct), w_t);
+  };
+  JvpResult r = ct == at::kDouble ? run(double{}) : run(float{});
+  if (ct != dt) r = {std::get<0>(r).to(dt), std::get<1>(r).to(dt)};
+  return r;
 }
 
 }  // namespace rnn_ext
