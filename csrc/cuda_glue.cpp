@@ -224,7 +224,12 @@ gpu::PersistentPrefs current_prefs() {
   gpu::PersistentPrefs prefs;
   prefs.tensor_cores =
       static_cast<KernelMode>(kernel_mode_state().load()) != KernelMode::kPersistentFma;
-  prefs.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  // torch's precision setting for CUDA matmuls, whichever API set it (allow_tf32,
+  // set_float32_matmul_precision or fp32_precision).  Not allowTF32CuBLAS(): that legacy getter
+  // raises once the new fp32_precision API has been used.
+  prefs.allow_tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+                                                          at::Float32Op::MATMUL) ==
+                     at::Float32Precision::TF32;
   return prefs;
 }
 

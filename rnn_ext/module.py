@@ -22,6 +22,14 @@ def _autocast_cast(device_type: str, tensors):
     ]
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, which Dynamo on torch 2.11 cannot trace (it reaches
+    torch._C._is_autocast_available): a constant of the device type, so the compiler calls it
+    once while tracing instead.  In eager mode the decorator only sets an attribute."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 _RNNBASE_CHECK_FORWARD_ARGS = torch.nn.RNNBase.check_forward_args
 
 
@@ -185,7 +193,7 @@ class RNN(torch.nn.RNNBase):
         seq_first = batch_sizes is None and self.batch_first
         if (
             torch._C._is_any_autocast_enabled()
-            and torch.amp.is_autocast_available(input.device.type)
+            and _autocast_available(input.device.type)
             and torch.is_autocast_enabled(input.device.type)
         ):  # (is_autocast_enabled raises for device types without autocast, e.g. meta)
             input, hx, *weights = _autocast_cast(input.device.type, [input, hx, *weights])

@@ -697,6 +697,68 @@ def test_cuda_backend_tf32_runs_on_tensor_cores(glue):
         glue.set_kernel("step")
 
 
+# How a user turns TF32 on and off, step by step, and the persistent variant float32 must then
+# run on (forward and backward): "mma" (TF32 on tensor cores) or "fma" (exact float32).  Each
+# sequence runs in a fresh process (torch's precision flags are process-global, and reading the
+# legacy flag after the new API was used raises).
+TF32_SEQUENCES = {
+    "default": [("pass", "fma")],
+    "legacy_allow_tf32": [("torch.backends.cuda.matmul.allow_tf32 = True", "mma"),
+                          ("torch.backends.cuda.matmul.allow_tf32 = False", "fma")],
+    "matmul_fp32_precision": [("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "mma"),
+                              ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "fma")],
+    "global_fp32_precision": [("torch.backends.fp32_precision = 'tf32'", "mma"),
+                              ("torch.backends.fp32_precision = 'ieee'", "fma")],
+    "float32_matmul_precision": [("torch.set_float32_matmul_precision('high')", "mma"),
+                                 ("torch.set_float32_matmul_precision('highest')", "fma")],
+    "legacy_then_new": [("torch.backends.cuda.matmul.allow_tf32 = True", "mma"),
+                        ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "fma")],
+    "new_then_legacy": [("torch.backends.fp32_precision = 'tf32'", "mma"),
+                        ("torch.backends.cuda.matmul.allow_tf32 = False", "fma")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TF32_SEQUENCES))
+def test_cuda_backend_tf32_switches(glue, name):
+    """However TF32 is set (the legacy allow_tf32 flag, fp32_precision for CUDA matmuls or for
+    everything, set_float32_matmul_precision, or a mix), a float32 forward and backward run,
+    on the tensor-core variant exactly when torch's own CUDA matmuls may use TF32."""
+    steps = TF32_SEQUENCES[name]
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import test_cuda_emulated as t
+from pathlib import Path
+m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
+m.set_kernel("persistent")
+torch.manual_seed(3)
+rnn = torch.nn.RNN(4, 16, 2)
+w = [p.detach() for p in rnn._flat_weights]
+x, h0 = torch.randn(3, 2, 4), torch.randn(2, 2, 16)
+with torch.no_grad():
+    ref, _ = rnn(x, h0)
+for stmt in {[s for s, _ in steps]!r}:
+    exec(stmt)
+    out, hy, ws, noise = m.forward(x, h0, w, None, True, 2, False, False, 0.0, False, True)
+    fwd = m.variant("forward")
+    m.backward(x, h0, w, None, out, ws, noise, torch.ones_like(out), torch.ones_like(hy), True, 2,
+               False, False, [True, True, True])
+    err = float((out - ref).abs().max())
+    print(fwd, m.variant("backward"), torch.backends.cuda.matmul.fp32_precision, err)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, cwd=str(REPO))
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().split("\n")[-len(steps):]
+    assert len(lines) == len(steps), res.stdout
+    for (stmt, want), line in zip(steps, lines):
+        fwd, bwd, torch_says, err = line.split()
+        assert (fwd, bwd) == (want, want), (stmt, line)
+        # the same decision as torch's own CUDA matmuls
+        assert (torch_says == "tf32") == (want == "mma"), (stmt, line)
+        assert float(err) < (5e-3 if want == "mma" else 1e-5), (stmt, line)
+
+
 def test_cuda_backend_coresidency_limits(glue):
     """On a device with 1 SM (2 resident blocks of 256 threads): a 16-column cell (2 blocks)
     runs persistent one layer per launch (no room for a wavefront), a bidirectional layer (4

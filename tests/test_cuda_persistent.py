@@ -715,6 +715,20 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() if a.numel() else 0.0
 
 
+def _layer_fits(dtype, H, D, tensor_cores=True, allow_tf32=False):
+    """Whether one layer's persistent grid (D * ceil(H / 8) blocks) is co-resident on this card,
+    forward and backward, per the occupancy API (the plan op): a bidirectional H=1024 layer
+    needs 256 blocks, which 132 SMs (H100 SXM, H200) hold and 114 (H100 PCIe) do not."""
+    plan = torch.ops.rnn_ext._cuda_persistent_plan
+    kw = dict(tensor_cores=tensor_cores, allow_tf32=allow_tf32)
+    fwd, bwd = plan(dtype, H, D, **kw), plan(dtype, H, D, 0, True, **kw)
+    if torch.cuda.get_device_properties(0).multi_processor_count >= 132 and H * D <= 2048:
+        assert fwd[5] == bwd[5] == 0, "H100 SXM / H200: D * H <= 2048 fits"
+    for p in (fwd, bwd):  # feasible or not co-resident (status 5), as blocks vs max_coresident
+        assert p[5] in (0, 5) and (p[5] == 0) == (p[0] <= p[3]), p
+    return fwd[5] == 0 and bwd[5] == 0
+
+
 HALF_FLOOR = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GRID = [
     (B, H, bi, L, relu)
@@ -751,11 +765,14 @@ def test_persistent_parity(p, dtype, no_tf32, restore_kernel):
     assert rnn_ext.cuda_kernel_used("backward") == "step"
     rnn_ext.set_cuda_kernel("persistent")
     pers = _run(ext, x, hx, dtype, "cuda")
-    assert rnn_ext.cuda_kernel_used() == "persistent", "feasible on an H100/H200: H <= 1024"
-    assert rnn_ext.cuda_kernel_used("backward") == "persistent"
-    want_variant = "fma" if dtype == torch.float32 else "mma"  # fp32: TF32 off (no_tf32)
-    assert rnn_ext.cuda.cuda_persistent_variant() == want_variant
-    assert rnn_ext.cuda.cuda_persistent_variant("backward") == want_variant
+    fits = _layer_fits(dtype, H, D)
+    want = "persistent" if fits else "step"
+    assert rnn_ext.cuda_kernel_used() == want
+    assert rnn_ext.cuda_kernel_used("backward") == want
+    if fits:
+        want_variant = "fma" if dtype == torch.float32 else "mma"  # fp32: TF32 off (no_tf32)
+        assert rnn_ext.cuda.cuda_persistent_variant() == want_variant
+        assert rnn_ext.cuda.cuda_persistent_variant("backward") == want_variant
     cudnn = _run(base, x, hx, dtype, "cuda")
     # rnn_ext.reference (plain PyTorch, float64 on the CPU) with the weights as they ran
     ref_mod = copy.deepcopy(ext).to("cpu", torch.float64)
@@ -890,17 +907,23 @@ def test_tensor_core_variant_matches_fma_and_truth(B, H, L, bi, dtype, restore_k
     try:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         res = {}
+        D = 2 if bi else 1
         for kernel in ("persistent", "persistent_fma", "step"):
             rnn_ext.set_cuda_kernel(kernel)
             res[kernel] = _run(ext, x, hx, dt, "cuda")
             if kernel != "step":
-                want = "mma" if kernel == "persistent" else "fma"
-                assert rnn_ext.cuda.cuda_persistent_variant() == want
-                assert rnn_ext.cuda.cuda_persistent_variant("backward") == want
+                mma = kernel == "persistent"
+                if _layer_fits(dt, H, D, tensor_cores=mma, allow_tf32=tf32):
+                    want = "mma" if mma else "fma"
+                    assert rnn_ext.cuda.cuda_persistent_variant() == want
+                    assert rnn_ext.cuda.cuda_persistent_variant("backward") == want
+                else:  # e.g. bidirectional H=1024 on 114 SMs
+                    assert rnn_ext.cuda_kernel_used() == "step"
         torch.backends.cuda.matmul.allow_tf32 = False
         rnn_ext.set_cuda_kernel("persistent")
         _run(ext, x, hx, torch.float32, "cuda", backward=False)
-        assert rnn_ext.cuda.cuda_persistent_variant() == "fma", "fp32 without TF32: FMA"
+        if _layer_fits(torch.float32, H, D):
+            assert rnn_ext.cuda.cuda_persistent_variant() == "fma", "fp32 without TF32: FMA"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     truth = _run(ext, x, hx, torch.float64, "cpu")
