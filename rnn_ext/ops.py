@@ -10,6 +10,8 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad as _forward_ad
+from torch._C._functorch import TransformType as _TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
 from . import onnx, reference
@@ -347,15 +349,29 @@ class _FuncRNN(torch.autograd.Function):
         needs = (bool(n[0]), bool(n[1]), tuple(bool(x) for x in n[4:]))
         if grad_output is None and grad_hy is None:
             return (None,) * len(n)
+        input, hx, out, ws, noise, *weights = ctx.saved_tensors
+        if _forward_mode_active():
+            # forward-over-reverse (hessian = jacfwd(jacrev), a jvp of a gradient): the
+            # reference's gradient, which forward mode differentiates (the kernels' ops below
+            # have no forward-mode formula, and their tangents would be lost)
+            gi, ghx, gw = _func_vjp_backward((input, hx, ctx.batch_sizes, out, ws, noise,
+                                              *weights), ctx.config, needs, grad_output, grad_hy)
+            return (gi, ghx, None, None, *gw)
         # the kernels' BPTT as a differentiable function of its own (_FuncRNNBackward): under
         # vmap its batching rule runs one stack, and one per-sample weight-gradient pass, for
         # every vmapped entry together; a transform that differentiates again gets the
         # reference's gradient of it
-        input, hx, out, ws, noise, *weights = ctx.saved_tensors
         gi, ghx, *gw = _FuncRNNBackward.apply(
             input, hx, out, ws, noise, grad_output, grad_hy, ctx.batch_sizes, ctx.config, needs,
             *weights)
         return (gi, ghx, None, None, *gw)
+
+
+def _forward_mode_active() -> bool:
+    """Whether a forward-mode level is open around this call: torch.autograd.forward_ad's
+    dual level, or a torch.func jvp (jvp, jacfwd, hessian)."""
+    return _forward_ad._current_level >= 0 or any(
+        i.key() == _TransformType.Jvp for i in _functorch_interpreters())
 
 
 def _stackable(state_dims, batch_sizes, weight_dims):
