@@ -232,9 +232,13 @@ def convert_rnns(module: torch.nn.Module) -> torch.nn.Module:
             setattr(out, name, getattr(module, name))
         out._init_flat_weights()
         out.train(module.training)
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-            getattr(out, attr).update(getattr(module, attr))
+        # every kind of hook torch.nn.Module keeps (incl. with_kwargs / always_call flags,
+        # backward pre-hooks, state_dict pre and load_state_dict post hooks)
+        for attr, value in vars(module).items():
+            if "hook" in attr and isinstance(value, dict):
+                getattr(out, attr).update(value)
+            elif "hook" in attr:
+                setattr(out, attr, value)  # _is_full_backward_hook
         if hasattr(module, "qconfig"):
             out.qconfig = module.qconfig
     for name, child in module.named_children():

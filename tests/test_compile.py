@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) with aot_eager and inductor: forward and backward equal eager;
-torch.export keeps rnn_ext.rnn_forward in the graph and the exported program runs."""
+"""torch.compile(fullgraph=True) with aot_eager and inductor: forward and backward equal eager
+rnn_ext and torch.nn.RNN (same weights); torch.export keeps rnn_ext.rnn_forward in the graph and
+the exported program computes what torch.nn.RNN does."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -38,6 +39,13 @@ def _grads_of(model, x, hx):
                                                         model.parameters()]
 
 
+def _torch_model(ref, model):
+    """Model around the torch.nn.RNN `ref`, with `model`'s head."""
+    m = Model(ref).to(next(model.parameters()).dtype)
+    m.head.load_state_dict(model.head.state_dict())
+    return m
+
+
 def _compare(a, b, dtype):
     torch.testing.assert_close(b[0], a[0], **TOL[dtype])
     torch.testing.assert_close(b[1], a[1], **TOL[dtype])
@@ -49,14 +57,16 @@ def _compare(a, b, dtype):
 def test_compile_aot_eager_fullgraph_one_graph_with_the_op():
     """fullgraph=True (so no graph break), one graph holding rnn_ext.rnn_forward, forward and
     backward equal eager; a second shape (seq len and batch) still works."""
-    _, ext = make_pair(3, 5, num_layers=2, bidirectional=True, batch_first=True,
-                       nonlinearity="relu", dtype=torch.float64)
+    ref, ext = make_pair(3, 5, num_layers=2, bidirectional=True, batch_first=True,
+                         nonlinearity="relu", dtype=torch.float64)
     model = Model(ext).double()
+    tmodel = _torch_model(ref, model)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     x = torch.randn(2, 4, 3, dtype=torch.float64)
     hx = torch.randn(4, 2, 5, dtype=torch.float64)
     _compare(_grads_of(model, x, hx), _grads_of(compiled, x, hx), torch.float64)
+    _compare(_grads_of(tmodel, x, hx), _grads_of(compiled, x, hx), torch.float64)
     assert counter.frame_count == 1
     targets = [str(n.target) for g in counter.graphs for n in g.graph.nodes]
     assert any("rnn_ext.rnn_forward" in t for t in targets), targets
@@ -64,28 +74,34 @@ def test_compile_aot_eager_fullgraph_one_graph_with_the_op():
     x2 = torch.randn(3, 6, 3, dtype=torch.float64)
     hx2 = torch.randn(4, 3, 5, dtype=torch.float64)
     _compare(_grads_of(model, x2, hx2), _grads_of(compiled, x2, hx2), torch.float64)
+    _compare(_grads_of(tmodel, x2, hx2), _grads_of(compiled, x2, hx2), torch.float64)
 
 
 def test_compile_inductor_fullgraph_matches_eager():
-    _, ext = make_pair(4, 6, num_layers=2, bidirectional=False)
+    ref, ext = make_pair(4, 6, num_layers=2, bidirectional=False)
     model = Model(ext)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     x = torch.randn(5, 3, 4)
     hx = torch.randn(2, 3, 6)
     _compare(_grads_of(model, x, hx), _grads_of(compiled, x, hx), torch.float32)
+    _compare(_grads_of(_torch_model(ref, model), x, hx), _grads_of(compiled, x, hx),
+             torch.float32)
 
 
 def test_compile_without_hx_and_eval_no_grad():
     """hx=None and eval/no_grad go through too (the zeros hx and need_grad=False paths)."""
-    _, ext = make_pair(3, 4, num_layers=3, bidirectional=True)
+    ref, ext = make_pair(3, 4, num_layers=4, bidirectional=True)
     ext.eval()
     compiled = torch.compile(ext, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 2, 3)
     with torch.no_grad():
         o, h = compiled(x)
         eo, eh = ext(x)
+        ro, rh = ref(x)
     torch.testing.assert_close(o, eo, **TOL[torch.float32])
     torch.testing.assert_close(h, eh, **TOL[torch.float32])
+    torch.testing.assert_close(o, ro, **TOL[torch.float32])
+    torch.testing.assert_close(h, rh, **TOL[torch.float32])
 
 
 def test_compile_packed_input_matches_eager():
@@ -120,7 +136,7 @@ def test_compile_packed_input_matches_eager():
 
 
 def test_export_keeps_the_op_and_runs():
-    _, ext = make_pair(3, 5, num_layers=2, bidirectional=True)
+    ref, ext = make_pair(3, 5, num_layers=2, bidirectional=True)
     ext.eval()
     x = torch.randn(4, 2, 3)
     hx = torch.randn(4, 2, 5)
@@ -130,8 +146,11 @@ def test_export_keeps_the_op_and_runs():
     assert not any("rnn_tanh" in str(t) or "rnn_relu" in str(t) for t in targets)
     o, h = ep.module()(x, hx)
     eo, eh = ext(x, hx)
+    ro, rh = ref(x, hx)
     torch.testing.assert_close(o, eo, **TOL[torch.float32])
     torch.testing.assert_close(h, eh, **TOL[torch.float32])
+    torch.testing.assert_close(o, ro, **TOL[torch.float32])
+    torch.testing.assert_close(h, rh, **TOL[torch.float32])
     # the exported program reads its own copies of the parameters: new inputs still agree
     x2 = torch.randn(4, 2, 3)
-    torch.testing.assert_close(ep.module()(x2, hx)[0], ext(x2, hx)[0], **TOL[torch.float32])
+    torch.testing.assert_close(ep.module()(x2, hx)[0], ref(x2, hx)[0], **TOL[torch.float32])

@@ -419,3 +419,50 @@ def test_overridden_check_forward_args_is_called():
         with pytest.raises(type(want.value)) as got:
             ext(x, h)
         assert str(got.value) == str(want.value)
+
+
+def test_convert_rnns_keeps_every_hook():
+    """Hooks registered on the torch.nn.RNN before conversion run on the replacement, with the
+    same arguments: forward pre/post hooks (with and without kwargs, always_call), module
+    backward pre/post hooks, state_dict pre/post hooks and load_state_dict pre/post hooks; and the
+    hooked replacement computes what the hooked torch module computes."""
+    torch.manual_seed(0)
+    calls = []
+    rnn = torch.nn.RNN(3, 4, num_layers=2, bidirectional=True).double()
+    rnn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    rnn.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(("pre_kw", tuple(sorted(kwargs)))), with_kwargs=True)
+    rnn.register_forward_hook(lambda m, args, out: calls.append("fwd"))
+    rnn.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(("fwd_kw", tuple(sorted(kwargs)))), with_kwargs=True)
+    rnn.register_forward_hook(lambda m, args, out: calls.append("always"), always_call=True)
+    # a hook may replace the output: the replacement must apply it too
+    rnn.register_forward_hook(lambda m, args, out: (out[0] * 2, out[1]))
+    rnn.register_full_backward_pre_hook(lambda m, gout: calls.append("bwd_pre"))
+    rnn.register_full_backward_hook(lambda m, gin, gout: calls.append("bwd"))
+    rnn.register_state_dict_pre_hook(lambda m, prefix, keep_vars: calls.append("sd_pre"))
+    rnn.register_state_dict_post_hook(lambda m, sd, prefix, local: calls.append("sd_post"))
+    rnn._register_load_state_dict_pre_hook(lambda *a: calls.append("load_pre"))
+    rnn.register_load_state_dict_post_hook(lambda m, keys: calls.append("load_post"))
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def use(m):
+        calls.clear()
+        out, hn = m(x, hx=torch.zeros(4, 2, 4, dtype=torch.float64))
+        (out.sum() + hn.sum()).backward()
+        sd = m.state_dict()
+        m.load_state_dict(sd)
+        return list(calls), out.detach()
+
+    want_calls, want_out = use(rnn)
+    assert {"pre", "fwd", "always", "bwd_pre", "bwd", "sd_pre", "sd_post", "load_pre",
+            "load_post", ("pre_kw", ("hx",)), ("fwd_kw", ("hx",))} <= set(want_calls)
+    ext = rnn_ext.convert_rnns(rnn)
+    assert isinstance(ext, rnn_ext.RNN)
+    got_calls, got_out = use(ext)
+    assert got_calls == want_calls
+    torch.testing.assert_close(got_out, want_out, **TOL[torch.float64])
+    # and nested in a model
+    calls.clear()
+    net = rnn_ext.convert_rnns(torch.nn.Sequential(torch.nn.Linear(3, 3).double(), rnn))
+    assert calls == []

@@ -436,6 +436,14 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
   auto h0_of = [&](int64_t l, int64_t d) { return h0.data_ptr<T>() + (l * g.D + d) * g.B * g.H; };
   const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/true);
   auto out_of = [&](int64_t l, int64_t d) { return outs[l] + d * g.H; };
+  // h_n of layer l, read from its output while that is still there: without grad, layer l + 2
+  // overwrites layer l's scratch slot.
+  auto gather_layer = [&](int64_t l) {
+    for (int64_t d = 0; d < g.D; ++d) {
+      gather_final<T>(g, d, out_of(l, d), h0_of(l, d),
+                      hy.data_ptr<T>() + (l * g.D + d) * g.B * g.H);
+    }
+  };
 
   if (wave) {
     const Chunks ch(g);
@@ -453,6 +461,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
         recur<T>(g, 0, cl, h0_of(l, 0), out_of(l, 0), i0, i1);
       });
     }
+    for (int64_t l = 0; l < L; ++l) gather_layer(l);  // (one slot per layer here)
   } else {
     for (int64_t l = 0; l < L; ++l) {
       if (l > 0 && use_dropout) {
@@ -465,12 +474,7 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
       run_tasks(g.D, [&](int64_t d) {
         recur<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), h0_of(l, d), out_of(l, d), 0, g.T);
       });
-    }
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    for (int64_t d = 0; d < g.D; ++d) {
-      gather_final<T>(g, d, out_of(l, d), h0_of(l, d),
-                      hy.data_ptr<T>() + (l * g.D + d) * g.B * g.H);
+      gather_layer(l);
     }
   }
   at::Tensor saved_noise = (need_grad && use_dropout) ? at::stack(noise) : new_tensor({0}, dt);
