@@ -106,6 +106,16 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                  const std::optional<at::Tensor>& grad_hy, bool has_biases,
                                  int64_t num_layers, bool bidirectional, bool relu,
                                  std::array<bool, 3> output_mask);
+
+// rnn_backward_per_sample_cpu's counterpart: the same BPTT as rnn_backward_cuda, then each
+// group's weight and bias gradients as batched GEMMs over its own rows (csrc/cuda_glue.cpp).
+BackwardResult rnn_backward_per_sample_cuda(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+    const at::Tensor& workspace, const at::Tensor& noise,
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
+    bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
+    std::array<bool, 2> output_mask, int64_t groups);
 #endif
 
 }  // namespace rnn_ext
