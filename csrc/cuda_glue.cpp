@@ -639,9 +639,9 @@ void group_weight_grads_cuda(const Geometry& g, int64_t groups, const GroupRows*
   if (gb != nullptr) at::sum_out(*gb, zg, {1});
 }
 
-// rnn_backward_cuda (groups < 0: summed weight gradients) and rnn_backward_per_sample_cuda
-// (groups >= 0: one weight gradient per group of batch rows): the same BPTT, only the weight
-// gradients differ.
+// rnn_backward_cuda (groups == kSummedGradients: summed weight gradients) and
+// rnn_backward_per_sample_cuda (groups checked >= 0: one weight gradient per group of batch
+// rows): the same BPTT, only the weight gradients differ.
 BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
                              at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
                              const at::Tensor& output, const at::Tensor& workspace,
@@ -655,7 +655,7 @@ BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
   const int64_t H = g.H, DH = g.D * g.H, pc = g.weights_per_cell();
   check_backward_args(g, hx, output, workspace, noise_in, grad_output, grad_hy);
-  if (groups >= 0) check_groups(g, groups);
+  if (groups != kSummedGradients) check_groups(g, groups);
   const bool has_go = grad_output.has_value() && grad_output->defined();
   const bool has_ghy = grad_hy.has_value() && grad_hy->defined();
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -800,7 +800,8 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                  int64_t num_layers, bool bidirectional, bool relu,
                                  std::array<bool, 3> output_mask) {
   return backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
-                       grad_hy, has_biases, num_layers, bidirectional, relu, output_mask, -1);
+                       grad_hy, has_biases, num_layers, bidirectional, relu, output_mask,
+                       kSummedGradients);
 }
 
 BackwardResult rnn_backward_per_sample_cuda(

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -89,6 +90,9 @@ BackwardResult rnn_backward_per_sample_cpu(
 
 // groups must be >= 0 and divide the batch (0 only for an empty batch).
 void check_groups(const Geometry& g, int64_t groups);
+// The backends' internal `groups` value for the summed weight gradients of rnn_backward (never
+// accepted from rnn_backward_per_sample's caller, whose groups are always checked).
+constexpr int64_t kSummedGradients = INT64_MIN;
 
 #ifdef RNN_EXT_WITH_CUDA
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
