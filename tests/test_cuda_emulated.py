@@ -766,7 +766,8 @@ def _sub_rows(bs, r0, r1):
 
 
 @pytest.mark.parametrize("case", PS_CASES,
-                         ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+                         ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c)
+                         .replace(" ", ""))
 def test_cuda_backend_per_sample_gradients(glue, case):
     import rnn_ext  # noqa: F401  (loads the CPU op)
     import rnn_ext.reference as reference
