@@ -569,20 +569,98 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
   return {output, hy, ws, noise};
 }
 
-BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
-                                 at::TensorList weights,
-                                 const std::optional<at::Tensor>& batch_sizes,
-                                 const at::Tensor& output, const at::Tensor& workspace,
-                                 const at::Tensor& noise_in,
-                                 const std::optional<at::Tensor>& grad_output,
-                                 const std::optional<at::Tensor>& grad_hy, bool has_biases,
-                                 int64_t num_layers, bool bidirectional, bool relu,
-                                 std::array<bool, 3> output_mask) {
+namespace {
+
+// The rows each group of batch rows owns in packed (ragged) data, for the per-group weight
+// gradients: group k's rows gathered in step order and zero-padded to the longest group's
+// count K (group 0's: batch sizes never increase).  idx: (groups * K) row numbers on the
+// device; pad: (groups * K, 1) bool, true at the padding, which repeats a row of the group
+// itself (never another sample's) and whose dz is zeroed.  Built on the host from the host
+// batch sizes and copied to the device once per backward call (a synchronous copy from
+// pageable memory: this path is not for CUDA-graph capture).
+struct GroupRows {
+  int64_t K = 0;
+  at::Tensor idx, pad;
+};
+
+GroupRows group_rows(const Geometry& g, int64_t groups, const at::Device& device) {
+  GroupRows r;
+  const int64_t gs = g.B / groups;
+  for (int64_t t = 0; t < g.T; ++t) r.K += std::min(gs, g.batch[t]);
+  at::Tensor idx = at::empty({groups * r.K}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor pad = at::empty({groups * r.K, 1}, at::TensorOptions().dtype(at::kBool));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  bool* pp = pad.data_ptr<bool>();
+  for (int64_t k = 0; k < groups; ++k) {
+    const int64_t r0 = k * gs, r1 = r0 + gs;
+    int64_t q = k * r.K;
+    for (int64_t t = 0; t < g.T; ++t) {
+      for (int64_t row = r0; row < std::min(r1, g.batch[t]); ++row, ++q) {
+        ip[q] = g.offset[t] + row;
+        pp[q] = false;
+      }
+    }
+    for (; q < (k + 1) * r.K; ++q) {
+      ip[q] = r0;  // step 0 holds every row of the batch: the group's own first row
+      pp[q] = true;
+    }
+  }
+  r.idx = idx.to(device);
+  r.pad = pad.to(device);
+  return r;
+}
+
+// Per-group weight and bias gradients of one direction of one layer (per-sample gradients
+// when every group is one sample): group k sums, over its own rows only, dz^T x (-> gw_ih[k]),
+// dz^T h_prev (-> gw_hh[k]) and dz (-> gb[k], when defined).  dz: (N, H) view with row stride
+// D*H; x: (N, in) and prev: (N, H) contiguous.  The products are batched GEMMs, cuBLAS through
+// torch (at::bmm_out on strided views) -- no hand-written GEMM kernel: cuBLAS' batched GEMM is
+// what this shape wants.  Dense input: row t*B + b, so group k's rows form a (T, gs) block of
+// the (T, groups, gs) row grid; with one sample per group (gs == 1) the reshapes below are
+// views (dz as (B, H, T), x as (B, T, in): nothing copied), with gs > 1 they copy the group's
+// rows together.  Packed input: the group's rows gathered and zero-padded (group_rows).
+void group_weight_grads_cuda(const Geometry& g, int64_t groups, const GroupRows* rows,
+                             const at::Tensor& dz, const at::Tensor& x, const at::Tensor& prev,
+                             at::Tensor& gw_ih, at::Tensor& gw_hh, at::Tensor* gb) {
+  if (groups == 0) return;  // (an empty batch)
+  const int64_t H = g.H, in = x.size(1);
+  at::Tensor zg, xg, pg;  // (groups, K, *)
+  if (!g.packed) {
+    const int64_t gs = g.B / groups;
+    auto by_group = [&](const at::Tensor& t, int64_t cols) {
+      return t.view({g.T, groups, gs, cols}).transpose(0, 1).reshape({groups, g.T * gs, cols});
+    };
+    zg = by_group(dz, H);
+    xg = by_group(x, in);
+    pg = by_group(prev, H);
+  } else {
+    zg = dz.index_select(0, rows->idx).masked_fill_(rows->pad, 0).view({groups, rows->K, H});
+    xg = x.index_select(0, rows->idx).view({groups, rows->K, in});
+    pg = prev.index_select(0, rows->idx).view({groups, rows->K, H});
+  }
+  const at::Tensor zt = zg.transpose(1, 2);  // (groups, H, K)
+  at::bmm_out(gw_ih, zt, xg);
+  at::bmm_out(gw_hh, zt, pg);
+  if (gb != nullptr) at::sum_out(*gb, zg, {1});
+}
+
+// rnn_backward_cuda (groups == kSummedGradients: summed weight gradients) and
+// rnn_backward_per_sample_cuda (groups checked >= 0: one weight gradient per group of batch
+// rows): the same BPTT, only the weight gradients differ.
+BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
+                             at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
+                             const at::Tensor& output, const at::Tensor& workspace,
+                             const at::Tensor& noise_in,
+                             const std::optional<at::Tensor>& grad_output,
+                             const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                             int64_t num_layers, bool bidirectional, bool relu,
+                             std::array<bool, 3> output_mask, int64_t groups) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
   const int64_t H = g.H, DH = g.D * g.H, pc = g.weights_per_cell();
   check_backward_args(g, hx, output, workspace, noise_in, grad_output, grad_hy);
+  if (groups != kSummedGradients) check_groups(g, groups);
   const bool has_go = grad_output.has_value() && grad_output->defined();
   const bool has_ghy = grad_hy.has_value() && grad_hy->defined();
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -604,8 +682,18 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
 
   at::Tensor grad_hx = need_hx ? at::empty_like(h0) : at::empty({0}, opts);
   std::vector<at::Tensor> grad_w;
+  GroupRows rows;  // packed per-group gradients: each group's own rows
   if (need_w) {
-    for (const auto& wi : w) grad_w.push_back(at::empty_like(wi));
+    for (const auto& wi : w) {
+      if (groups < 0) {
+        grad_w.push_back(at::empty_like(wi));
+      } else {  // one gradient per group, stacked on a leading dimension
+        std::vector<int64_t> sizes(wi.sizes().begin(), wi.sizes().end());
+        sizes.insert(sizes.begin(), groups);
+        grad_w.push_back(at::empty(sizes, wi.options()));
+      }
+    }
+    if (groups > 0 && g.packed) rows = group_rows(g, groups, input.device());
   }
   // dY: gradient w.r.t. the current layer's output (N, D*H); undefined = zero.
   at::Tensor dY = has_go ? grad_output->to(st).contiguous().view({g.N, DH}) : at::Tensor();
@@ -672,15 +760,19 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
       }
       if (need_hx) grad_hx[l * g.D + d].copy_(dh[d]);
       if (need_w) {
-        // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = sum over rows of dZ
+        // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = sum over rows of dZ (summed, or per
+        // group of batch rows)
         const at::Tensor dZd = dZ.narrow(1, d * H, H);
-        at::mm_out(grad_w[base], dZd.t(), layer_in);
         gather(dt, prev_segments(g, d), h_out, DH, h0_p, H, prev.data_ptr(), H, H, stream);
-        at::mm_out(grad_w[base + 1], dZd.t(), prev);
-        if (g.has_biases) {
-          at::sum_out(grad_w[base + 2], dZd, {0});
-          grad_w[base + 3].copy_(grad_w[base + 2]);
+        if (groups >= 0) {
+          group_weight_grads_cuda(g, groups, &rows, dZd, layer_in, prev, grad_w[base],
+                                  grad_w[base + 1], g.has_biases ? &grad_w[base + 2] : nullptr);
+        } else {
+          at::mm_out(grad_w[base], dZd.t(), layer_in);
+          at::mm_out(grad_w[base + 1], dZd.t(), prev);
+          if (g.has_biases) at::sum_out(grad_w[base + 2], dZd, {0});
         }
+        if (g.has_biases) grad_w[base + 3].copy_(grad_w[base + 2]);
       }
     }
     if (l == 0 && !need_input) break;
@@ -699,6 +791,34 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   }
   if (!grad_input.defined()) grad_input = at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};
+}
+
+}  // namespace
+
+BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
+                                 at::TensorList weights,
+                                 const std::optional<at::Tensor>& batch_sizes,
+                                 const at::Tensor& output, const at::Tensor& workspace,
+                                 const at::Tensor& noise,
+                                 const std::optional<at::Tensor>& grad_output,
+                                 const std::optional<at::Tensor>& grad_hy, bool has_biases,
+                                 int64_t num_layers, bool bidirectional, bool relu,
+                                 std::array<bool, 3> output_mask) {
+  return backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                       grad_hy, has_biases, num_layers, bidirectional, relu, output_mask,
+                       kSummedGradients);
+}
+
+BackwardResult rnn_backward_per_sample_cuda(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+    const at::Tensor& workspace, const at::Tensor& noise,
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
+    bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
+    std::array<bool, 2> output_mask, int64_t groups) {
+  return backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                       grad_hy, has_biases, num_layers, bidirectional, relu,
+                       {output_mask[0], output_mask[1], true}, groups);
 }
 
 #ifndef RNN_EXT_SIMT_EMULATION  // (diagnostics that need a real device)

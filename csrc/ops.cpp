@@ -143,7 +143,7 @@ TORCH_LIBRARY(rnn_ext, m) {
   // rnn_backward with one weight gradient per group of batch rows: grad_weights[i] is
   // (groups, *weights[i].shape), the sum over the rows [k*B/groups, (k+1)*B/groups) and all
   // their steps (groups == B: per-sample gradients, for DP training).  output_mask = [input,
-  // hx].  CPU only so far.
+  // hx].  CPU and CUDA (the CUDA one so far run only under the SIMT emulation).
   m.def(
       "rnn_backward_per_sample(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, "
       "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
@@ -176,6 +176,7 @@ TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) {
   m.impl("rnn_forward", &rnn_forward_cuda);
   m.impl("rnn_backward", &rnn_backward_cuda);
+  m.impl("rnn_backward_per_sample", &rnn_backward_per_sample_cuda);
 }
 #endif
 

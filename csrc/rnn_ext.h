@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -108,6 +109,10 @@ JvpResult rnn_jvp_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorL
                       const c10::List<std::optional<at::Tensor>>& weights_t, bool has_biases,
                       int64_t num_layers, bool bidirectional, bool relu);
 
+// The backends' internal `groups` value for the summed weight gradients of rnn_backward (never
+// accepted from rnn_backward_per_sample's caller, whose groups are always checked).
+constexpr int64_t kSummedGradients = INT64_MIN;
+
 #ifdef RNN_EXT_WITH_CUDA
 ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                at::TensorList weights,
@@ -124,6 +129,16 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
                                  const std::optional<at::Tensor>& grad_hy, bool has_biases,
                                  int64_t num_layers, bool bidirectional, bool relu,
                                  std::array<bool, 3> output_mask);
+
+// rnn_backward_per_sample_cpu's counterpart: the same BPTT as rnn_backward_cuda, then each
+// group's weight and bias gradients as batched GEMMs over its own rows (csrc/cuda_glue.cpp).
+BackwardResult rnn_backward_per_sample_cuda(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
+    const at::Tensor& workspace, const at::Tensor& noise,
+    const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
+    bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
+    std::array<bool, 2> output_mask, int64_t groups);
 #endif
 
 }  // namespace rnn_ext

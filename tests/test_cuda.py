@@ -618,3 +618,48 @@ def test_output_beyond_2_31_elements_cuda():
     (gref,) = torch.autograd.grad(o_ref.sum(), xs)
     torch.testing.assert_close(gx[-k:], gref, rtol=1e-4, atol=1e-5)
     assert torch.count_nonzero(gx[: T - k - 1]).item() > 0  # earlier steps got gradient too
+
+
+# ------------------------------------------------------------------------------------------
+# Per-sample gradients: rnn_backward_per_sample on CUDA (the BPTT, then batched GEMMs per group
+# of batch rows) against the CPU op on the same saved forward (the CUDA forward's output,
+# workspace and dropout noise, copied to the CPU).
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths,bi,groups,dropout", [
+    (None, False, 4, 0.0), (None, True, 2, 0.0), (None, False, 4, 0.5),
+    ([5, 4, 2, 1], True, 4, 0.0), ([5, 3, 3, 1], False, 2, 0.3),
+], ids=["dense", "dense_bi_g2", "dense_dropout", "packed_bi", "packed_g2_dropout"])
+def test_per_sample_backward_matches_cpu(dtype, lengths, bi, groups, dropout):
+    T, B, I, H, L = 5, 4, 3, 8, 2
+    D = 2 if bi else 1
+    torch.manual_seed(0)
+    base = torch.nn.RNN(I, H, L, bidirectional=bi, dtype=torch.float64)
+    w = [p.detach().to("cuda", dtype) for p in base._flat_weights]
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(L * D, B, H, dtype=torch.float64)
+    bs = None
+    inp = x
+    if lengths is not None:
+        packed = pack_padded_sequence(x, torch.tensor(lengths))
+        inp, bs = packed.data, packed.batch_sizes
+    inp, h0 = inp.to("cuda", dtype), h0.to("cuda", dtype)
+    out, hy, ws, noise = torch.ops.rnn_ext.rnn_forward(inp, h0, w, bs, True, L, bi, False,
+                                                      dropout, dropout > 0, True)
+    g = torch.Generator().manual_seed(2)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to("cuda", dtype)
+    gh = torch.randn(hy.shape, generator=g, dtype=torch.float64).to("cuda", dtype)
+    args = [inp, h0, w, bs, out, ws, noise, go, gh, True, L, bi, False]
+    got = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True], groups)
+    cpu = [[t.cpu() for t in a] if isinstance(a, list) else
+           (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args]
+    want = torch.ops.rnn_ext.rnn_backward_per_sample(*cpu, [True, True], groups)
+    res = {"grad_input": got[0], "grad_hx": got[1]}
+    res.update({f"weight {i}": a for i, a in enumerate(got[2])})
+    ref = {"grad_input": want[0], "grad_hx": want[1]}
+    ref.update({f"weight {i}": b for i, b in enumerate(want[2])})
+    for i, a in enumerate(got[2]):
+        assert a.shape == (groups, *w[i].shape) and a.is_cuda
+    assert_close({k: v.cpu().double() for k, v in res.items()},
+                 {k: v.double() for k, v in ref.items()}, TIGHT[dtype], "per-sample")

@@ -790,3 +790,131 @@ print(m.kernel_used("forward"))
     kernel, wave, err = first.split()
     assert (kernel, wave) == ("persistent", "1") and float(err) < 1e-5
     assert second == "step"
+
+
+# ------------------------------------------------------------------------------------------
+# Per-sample gradients on the CUDA backend (rnn_backward_per_sample_cuda: the BPTT of
+# rnn_backward_cuda, then each group's weight and bias gradients as batched GEMMs over its own
+# rows), emulated: against the CPU op on the same saved forward, against a loop of per-group
+# torch.autograd.grad calls over rnn_ext.reference run on each group's rows alone (its own
+# steps, its own dropout noise rows), and summed over the groups against rnn_backward_cuda.
+
+PS_CASES = [
+    # (kernel, dtype, T, B, I, H, L, bi, relu, bias, lengths, dropout, hx, groups)
+    ("step", torch.float64, 4, 4, 3, 5, 2, True, False, True, None, 0.0, True, 4),
+    ("step", torch.float64, 5, 4, 3, 5, 2, False, True, True, [5, 3, 3, 1], 0.0, True, 4),
+    ("step", torch.float64, 5, 4, 3, 5, 2, True, False, True, [5, 4, 2, 1], 0.0, False, 2),
+    ("step", torch.float64, 4, 6, 3, 5, 1, False, False, False, None, 0.0, True, 3),
+    ("step", torch.float64, 4, 4, 3, 5, 2, False, False, True, None, 0.0, True, 1),
+    ("step", torch.float64, 4, 4, 3, 5, 2, False, True, True, None, 0.5, True, 4),
+    ("step", torch.float64, 5, 4, 3, 5, 3, True, False, True, [5, 3, 2, 2], 0.4, True, 4),
+    ("persistent", torch.float32, 4, 3, 5, 16, 2, True, False, True, None, 0.0, True, 3),
+    ("step", torch.float32, 5, 4, 3, 6, 2, True, True, True, [5, 4, 2, 1], 0.0, True, 2),
+    ("step", torch.float32, 5, 4, 3, 6, 2, False, False, True, [5, 4, 2, 1], 0.3, True, 4),
+]
+PS_TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _sub_rows(bs, r0, r1):
+    """The packed rows of batch rows [r0, r1) in step order, and their batch sizes."""
+    rows, sub, off = [], [], 0
+    for n in bs.tolist():
+        hi = min(r1, n)
+        if hi > r0:
+            rows += [off + r for r in range(r0, hi)]
+            sub.append(hi - r0)
+        off += n
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(sub, dtype=torch.long)
+
+
+@pytest.mark.parametrize("case", PS_CASES,
+                         ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c)
+                         .replace(" ", ""))
+def test_cuda_backend_per_sample_gradients(glue, case):
+    import rnn_ext  # noqa: F401  (loads the CPU op)
+    import rnn_ext.reference as reference
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    kernel, dtype, T, B, I, H, L, bi, relu, bias, lengths, p, with_hx, groups = case
+    D = 2 if bi else 1
+    torch.manual_seed(T * 100 + B * 10 + L)
+    mod = torch.nn.RNN(I, H, L, nonlinearity="relu" if relu else "tanh", bias=bias,
+                       bidirectional=bi, dtype=torch.float64)
+    w = [t.detach().to(dtype) for t in mod._flat_weights]
+    x = torch.randn(T, B, I, dtype=torch.float64).to(dtype)
+    h0 = (0.5 * torch.randn(L * D, B, H, dtype=torch.float64) if with_hx
+          else torch.zeros(L * D, B, H, dtype=torch.float64)).to(dtype)
+    if lengths is None:
+        inp, data, bs = x, x.reshape(T * B, I), None
+        ref_bs = torch.full((T,), B, dtype=torch.int64)
+    else:
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=True)
+        inp = data = packed.data
+        bs = ref_bs = packed.batch_sizes
+    glue.set_kernel(kernel)
+    try:
+        out, hy, ws, noise = glue.forward(inp, h0, w, bs, bias, L, bi, relu, p, p > 0, True)
+    finally:
+        glue.set_kernel("step")
+    if p > 0:
+        assert noise.shape == (L - 1, data.shape[0], D * H) and (noise == 0).any()
+    N = data.shape[0]
+    g = torch.Generator().manual_seed(7)
+    go = torch.randn(N, D * H, generator=g, dtype=torch.float64)
+    gh = torch.randn(L * D, B, H, generator=g, dtype=torch.float64)
+    args = (inp, h0, w, bs, out, ws, noise, go.to(dtype).reshape(out.shape), gh.to(dtype), bias,
+            L, bi, relu)
+    gi, ghx, gw = glue.backward_per_sample(*args, [True, True], groups)
+    assert len(gw) == len(w)
+    for a, wi in zip(gw, w):
+        assert a.shape == (groups, *wi.shape) and a.dtype == dtype
+
+    tol = PS_TOL[dtype] * (1 if dtype == torch.float64 else 4 * (L + 1))
+    # 1. the CPU op on the same saved forward (its float64 twin for float32)
+    cpu = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True], groups)
+    close(gi.double().numpy(), cpu[0].double().numpy(), tol)
+    close(ghx.double().numpy(), cpu[1].double().numpy(), tol)
+    for a, c in zip(gw, cpu[2]):
+        close(a.double().numpy(), c.double().numpy(), tol)
+    # 2. the summed backward: the same input / hx gradients, weight gradients = sum of groups
+    si, shx, sw = glue.backward(*args, [True, True, True])
+    close(gi.double().numpy(), si.double().numpy(), tol)
+    close(ghx.double().numpy(), shx.double().numpy(), tol)
+    for a, s in zip(gw, sw):
+        close(a.double().sum(0).numpy(), s.double().numpy(), tol)
+    # 3. per group: the reference on the group's own rows alone, one autograd.grad each
+    gs = B // groups
+    for k in range(groups):
+        r0, r1 = k * gs, (k + 1) * gs
+        rows, sub_bs = _sub_rows(ref_bs, r0, r1)
+        wd = [t.detach().double().requires_grad_() for t in w]
+        masks = None if p == 0 else [noise[m].double()[rows] for m in range(L - 1)]
+        ro, rh = reference.rnn_packed_data(data.double()[rows], sub_bs, h0.double()[:, r0:r1],
+                                           wd, num_layers=L, bidirectional=bi, relu=relu,
+                                           dropout_masks=masks)
+        loss = (ro * go[rows]).sum() + (rh * gh[:, r0:r1]).sum()
+        want = torch.autograd.grad(loss, wd)
+        for i, (a, r) in enumerate(zip(gw, want)):
+            try:
+                close(a[k].double().numpy(), r.numpy(), tol)
+            except AssertionError as e:
+                raise AssertionError(f"group {k}, weight {i}: {e}") from None
+
+
+def test_cuda_backend_per_sample_errors(glue):
+    """The CPU op's argument checks and messages (check_groups), through the CUDA entry."""
+    import rnn_ext  # noqa: F401
+
+    mod = torch.nn.RNN(3, 4, 1)
+    w = [t.detach() for t in mod._flat_weights]
+    x, h0 = torch.randn(2, 4, 3), torch.zeros(1, 4, 4)
+    out, hy, ws, noise = glue.forward(x, h0, w, None, True, 1, False, False, 0.0, False, True)
+    args = (x, h0, w, None, out, ws, noise, torch.ones_like(out), None, True, 1, False, False)
+    for groups in (3, -1, 0, 8):
+        with pytest.raises(RuntimeError) as cuda_err:
+            glue.backward_per_sample(*args, [False, False], groups)
+        with pytest.raises(RuntimeError) as cpu_err:
+            torch.ops.rnn_ext.rnn_backward_per_sample(*args, [False, False], groups)
+        msg = "groups must divide the batch size 4"
+        assert msg in str(cuda_err.value) and msg in str(cpu_err.value)
+        assert str(cpu_err.value).splitlines()[0] in str(cuda_err.value)

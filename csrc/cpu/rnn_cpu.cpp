@@ -981,7 +981,8 @@ ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
 }
 
 namespace {
-// rnn_backward_cpu (groups < 0: summed weight gradients) and rnn_backward_per_sample_cpu.
+// rnn_backward_cpu (groups == kSummedGradients: summed weight gradients) and
+// rnn_backward_per_sample_cpu (groups checked >= 0).
 BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
                             const std::optional<at::Tensor>& batch_sizes,
                             const at::Tensor& output, const at::Tensor& workspace,
@@ -993,7 +994,7 @@ BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::T
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
   check_backward_args(g, hx, output, workspace, noise, grad_output, grad_hy);
-  if (groups >= 0) check_groups(g, groups);
+  if (groups != kSummedGradients) check_groups(g, groups);
   const auto dt = input.scalar_type();
   const auto ct = is_reduced(dt) ? at::kFloat : dt;
   auto run = [&](auto tag) {
@@ -1023,7 +1024,8 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
                                 int64_t num_layers, bool bidirectional, bool relu,
                                 std::array<bool, 3> output_mask) {
   return backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
-                      grad_hy, has_biases, num_layers, bidirectional, relu, output_mask, -1);
+                      grad_hy, has_biases, num_layers, bidirectional, relu, output_mask,
+                      kSummedGradients);
 }
 
 BackwardResult rnn_backward_per_sample_cpu(
