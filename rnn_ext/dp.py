@@ -13,7 +13,8 @@
   (rnn_ext/ops.py, _FuncRNN and _FuncRNNBackward).
 
 All of them run one BPTT for the batch and form each row's weight gradients with the
-per-sample kernel (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU only so far).
+per-sample kernel (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU, and CUDA through batched cuBLAS
+GEMMs, the latter run only under the CPU emulation so far).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def per_sample_gradients(model: torch.nn.Module):
     module containing some) also sets ``param.grad_sample`` (B, *param.shape) on its weights:
     each batch row's (sample's) own gradient, in the caller's batch order (PackedSequence:
     the order of the sequences before packing), summed over the calls made in the block.
-    ``param.grad`` gets their sum as usual.  One BPTT serves both.  CPU only so far."""
+    ``param.grad`` gets their sum as usual.  One BPTT serves both."""
     from .module import RNN
 
     mods = [m for m in model.modules() if isinstance(m, RNN)]

@@ -466,10 +466,8 @@ class _FuncRNNBackward(torch.autograd.Function):
     def vmap(info, in_dims, input, hx, out, ws, noise, go, gh, batch_sizes, config, needs,
              *weights):
         V = info.batch_size
-        if not (_stackable(in_dims[:7], batch_sizes, in_dims[10:])
-                and input.device.type == "cpu"):
-            # one backward per vmapped entry (vmapped weights, packed input; the per-sample
-            # kernel is CPU-only so far)
+        if not _stackable(in_dims[:7], batch_sizes, in_dims[10:]):
+            # one backward per vmapped entry (vmapped weights, packed input)
             args = (input, hx, out, ws, noise, go, gh, batch_sizes, config, needs, *weights)
             res = []
             for v in range(V):
@@ -522,10 +520,6 @@ class _PerSampleRNN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, hx, batch_sizes, config, sink, *weights):
-        if input.device.type != "cpu":
-            raise NotImplementedError(
-                "rnn_ext: per-sample gradients have a CPU kernel only so far; got a tensor on "
-                f"{input.device}")
         has_biases, num_layers, bidirectional, relu, dropout, train = config
         out, hy, ws, noise = rnn_forward(input, hx, list(weights), batch_sizes, has_biases,
                                          num_layers, bidirectional, relu, dropout, train, True)
