@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import textwrap
 
 import pytest
 import torch
@@ -261,3 +262,31 @@ def pytest_runtest_makereport(item, call):
     if why is not None:
         report.outcome = "failed"
         report.longrepr = why
+
+
+# The model and data of the distributed tests (DDP in test_integration.py, FSDP2 in
+# test_deploy.py): source code, exec'd by their worker processes and by the single-process
+# reference run.
+DIST_MODEL = textwrap.dedent(
+    """
+    import torch
+
+    class Model(torch.nn.Module):
+        def __init__(self, rnn_cls):
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn = rnn_cls(3, 6, num_layers=2, bidirectional=True, batch_first=True,
+                               dtype=torch.float64)
+            self.head = torch.nn.Linear(12, 1, dtype=torch.float64)
+
+        def forward(self, x):
+            out, h_n = self.rnn(x)
+            return self.head(out).squeeze(-1), h_n
+
+    def data(step):
+        g = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(8, 5, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(8, 5, generator=g, dtype=torch.float64)
+        return x, y
+    """
+)

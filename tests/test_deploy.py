@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnn_ext
-from conftest import TOL, make_pair
+from conftest import DIST_MODEL, TOL, make_pair
 
 TOL32 = TOL[torch.float32]
 
@@ -360,31 +360,7 @@ def test_aoti_package_load_run_matches_torch(tmp_path):
 # FSDP2 (fully_shard), two gloo ranks on the CPU
 # --------------------------------------------------------------------------------------------
 
-_FSDP_MODEL = textwrap.dedent(
-    """
-    import torch
-
-    class Model(torch.nn.Module):
-        def __init__(self, rnn_cls):
-            super().__init__()
-            torch.manual_seed(0)
-            self.rnn = rnn_cls(3, 6, num_layers=2, bidirectional=True, batch_first=True,
-                               dtype=torch.float64)
-            self.head = torch.nn.Linear(12, 1, dtype=torch.float64)
-
-        def forward(self, x):
-            out, h_n = self.rnn(x)
-            return self.head(out).squeeze(-1), h_n
-
-    def data(step):
-        g = torch.Generator().manual_seed(100 + step)
-        x = torch.randn(8, 5, 3, generator=g, dtype=torch.float64)
-        y = torch.randn(8, 5, generator=g, dtype=torch.float64)
-        return x, y
-    """
-)
-
-_FSDP_WORKER = _FSDP_MODEL + textwrap.dedent(
+_FSDP_WORKER = DIST_MODEL + textwrap.dedent(
     """
     import os, sys
     import torch.distributed as dist
@@ -451,7 +427,7 @@ def test_fsdp2_two_ranks_gloo_matches_single_process(tmp_path):
         assert p.returncode == 0, f"rank {rank} failed:\n{log}"
 
     ns: dict = {}
-    exec(_FSDP_MODEL, ns)
+    exec(DIST_MODEL, ns)
     model = ns["Model"](torch.nn.RNN)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)

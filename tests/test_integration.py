@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import rnn_ext
-from conftest import assert_as_accurate_as_torch
+from conftest import DIST_MODEL, assert_as_accurate_as_torch
 
 TOL32 = dict(atol=1e-5, rtol=1e-5)
 TOL64 = dict(atol=1e-10, rtol=1e-10)
@@ -455,31 +455,7 @@ def test_autocast_cuda_half_module_f32_input():
 # DistributedDataParallel (gloo, two ranks on loopback)
 # --------------------------------------------------------------------------------------------
 
-_DDP_MODEL = textwrap.dedent(
-    """
-    import torch
-
-    class Model(torch.nn.Module):
-        def __init__(self, rnn_cls):
-            super().__init__()
-            torch.manual_seed(0)
-            self.rnn = rnn_cls(3, 6, num_layers=2, bidirectional=True, batch_first=True,
-                               dtype=torch.float64)
-            self.head = torch.nn.Linear(12, 1, dtype=torch.float64)
-
-        def forward(self, x):
-            out, h_n = self.rnn(x)
-            return self.head(out).squeeze(-1), h_n
-
-    def data(step):
-        g = torch.Generator().manual_seed(100 + step)
-        x = torch.randn(8, 5, 3, generator=g, dtype=torch.float64)
-        y = torch.randn(8, 5, generator=g, dtype=torch.float64)
-        return x, y
-    """
-)
-
-_DDP_WORKER = _DDP_MODEL + textwrap.dedent(
+_DDP_WORKER = DIST_MODEL + textwrap.dedent(
     """
     import os, sys
     import torch.distributed as dist
@@ -541,7 +517,7 @@ def test_ddp_two_ranks_gloo_matches_single_process(tmp_path):
 
     # one process, torch.nn.RNN, whole batch
     ns: dict = {}
-    exec(_DDP_MODEL, ns)
+    exec(DIST_MODEL, ns)
     model = ns["Model"](torch.nn.RNN)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
