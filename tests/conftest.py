@@ -290,3 +290,57 @@ DIST_MODEL = textwrap.dedent(
         return x, y
     """
 )
+
+
+def run_two_gloo_ranks(script_text, tmp_path, timeout):
+    """Runs `script_text` (a worker of DIST_MODEL; argv[1]: where it saves its state_dict) as
+    two gloo ranks on loopback; returns their saved state_dicts.  The ranks import this
+    checkout's rnn_ext (PYTHONPATH), whatever the venv has installed."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "dist_worker.py"
+    script.write_text(script_text)
+    root = str(Path(rnn_ext.__file__).resolve().parent.parent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"rank{rank}.pt")], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, log) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log}"
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+
+def train_dist_model_single_process(steps):
+    """DIST_MODEL with torch.nn.RNN in one process on the whole batch, SGD+momentum as the
+    workers: (initial state_dict, final state_dict)."""
+    ns: dict = {}
+    exec(DIST_MODEL, ns)
+    model = ns["Model"](torch.nn.RNN)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    for step in range(steps):
+        x, y = ns["data"](step)
+        pred, _ = model(x)
+        loss = ((pred - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return init, model.state_dict()

@@ -4,12 +4,9 @@ for ONNX, with rnn_ext.reference too, on the shapes exported with and on other s
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import onnx  # onnx, onnxscript (the dynamo exporter's), onnxruntime: installed by .ci/setup
 import onnxruntime as ort
@@ -19,7 +16,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnn_ext
-from conftest import DIST_MODEL, TOL, make_pair
+from conftest import DIST_MODEL, TOL, make_pair, run_two_gloo_ranks, \
+    train_dist_model_single_process
 
 TOL32 = TOL[torch.float32]
 
@@ -393,55 +391,14 @@ _FSDP_WORKER = DIST_MODEL + textwrap.dedent(
 FSDP_STEPS = 3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_two_ranks_gloo_matches_single_process(tmp_path):
     """fully_shard over two gloo ranks (each on half of every batch, parameters sharded between
     them) for a few SGD+momentum steps ends with the parameters of one process training
     torch.nn.RNN on the whole batch from the same init."""
-    script = tmp_path / "fsdp_worker.py"
-    script.write_text(_FSDP_WORKER.replace("STEPS", str(FSDP_STEPS)))
-    root = str(Path(rnn_ext.__file__).resolve().parent.parent)  # this checkout's rnn_ext
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / f"rank{rank}.pt")], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log}"
-
-    ns: dict = {}
-    exec(DIST_MODEL, ns)
-    model = ns["Model"](torch.nn.RNN)
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    for step in range(FSDP_STEPS):
-        x, y = ns["data"](step)
-        pred, _ = model(x)
-        loss = ((pred - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    expected = model.state_dict()
-
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = run_two_gloo_ranks(_FSDP_WORKER.replace("STEPS", str(FSDP_STEPS)), tmp_path,
+                                timeout=120)
+    # one process, torch.nn.RNN, whole batch
+    init, expected = train_dist_model_single_process(FSDP_STEPS)
     assert r0.keys() == r1.keys() == expected.keys()
     tol = TOL[torch.float64]
     for k in expected:

@@ -9,8 +9,6 @@ import copy
 import io
 import os
 import pickle
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -20,7 +18,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import rnn_ext
-from conftest import DIST_MODEL, assert_as_accurate_as_torch
+from conftest import DIST_MODEL, assert_as_accurate_as_torch, run_two_gloo_ranks, \
+    train_dist_model_single_process
 
 TOL32 = dict(atol=1e-5, rtol=1e-5)
 TOL64 = dict(atol=1e-10, rtol=1e-10)
@@ -484,54 +483,13 @@ _DDP_WORKER = DIST_MODEL + textwrap.dedent(
 DDP_STEPS = 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_ranks_gloo_matches_single_process(tmp_path):
     """Two ranks (gloo on 127.0.0.1) train rnn_ext.RNN under DistributedDataParallel, each on
     half of every batch, for a few SGD+momentum steps; both end with exactly the parameters of
     one process training torch.nn.RNN on the whole batch from the same init."""
-    script = tmp_path / "ddp_worker.py"
-    script.write_text(_DDP_WORKER.replace("STEPS", str(DDP_STEPS)))
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE="2", LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / f"rank{rank}.pt")], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=90)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log}"
-
+    r0, r1 = run_two_gloo_ranks(_DDP_WORKER.replace("STEPS", str(DDP_STEPS)), tmp_path, timeout=90)
     # one process, torch.nn.RNN, whole batch
-    ns: dict = {}
-    exec(DIST_MODEL, ns)
-    model = ns["Model"](torch.nn.RNN)
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    for step in range(DDP_STEPS):
-        x, y = ns["data"](step)
-        pred, _ = model(x)
-        loss = ((pred - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    expected = model.state_dict()
-
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    init, expected = train_dist_model_single_process(DDP_STEPS)
     assert r0.keys() == r1.keys() == expected.keys()
     moved = False
     for k in expected:
