@@ -118,40 +118,73 @@ def attach_opacus_backward_hook(module, hook):
     return handle
 
 
+def _opacus_scale(module, hook):
+    """The factor Opacus scales this hook's per-sample gradients by: the batch size for a mean
+    loss (its 1/B undone), read at backward time as Opacus does."""
+    return module.max_batch_len if hook.keywords["loss_reduction"] == "mean" else 1
+
+
 def _opacus_per_sample(module, batch, unsorted_indices):
     hooks = module.__dict__.get("_rnn_ext_opacus_hooks")
     if not hooks or not module.training:
         return None
     live = [h for h in hooks.values() if h.func.__self__.hooks_enabled]
-    if not live or not any(p.requires_grad for p in module.parameters()):
+    if not live or not any(p.requires_grad for p in module._flat_weights):
         return None
     # the batch size Opacus scales a mean loss's per-sample gradients by (it would otherwise
     # read it from the last positional input, which may be hx)
     module.max_batch_len = max(getattr(module, "max_batch_len", 0), batch)
 
     def sink(grads):
+        grads = _in_caller_order(grads, unsorted_indices)
         stash = module.__dict__.setdefault("_rnn_ext_grad_samples", [])
-        for hook in live:
-            stash.append((_in_caller_order(grads, unsorted_indices),
-                          hook.keywords["loss_reduction"]))
+        for i, hook in enumerate(live):
+            # the kernel applied the first hook's scale (grad_scale below); another hook (two
+            # GradSampleModules on one model) gets its own copy, scaled here
+            todo = _opacus_scale(module, hook) / _opacus_scale(module, live[0])
+            stash.append(grads if i == 0 else [g * todo for g in grads])
             # Opacus reads grad_output[0] only to scale and permute it (our grad sampler
             # below does not use it)
             hook(module, (None,), (torch.zeros(1, 1),))
+
+    sink.grad_scale = lambda: _opacus_scale(module, live[0])
     return sink
 
 
 def _opacus_grad_sampler(module, activations, backprops):
-    """rnn_ext.RNN's grad sampler for Opacus: the per-sample gradients its backward formed."""
+    """rnn_ext.RNN's grad sampler for Opacus: the per-sample gradients its backward formed
+    (scaled as Opacus wants them).  Where Opacus would allocate a zeroed buffer and copy them
+    in (its create_or_accumulate_grad_sample: no buffer yet, full batch), they become the
+    buffer themselves, saving a fill and a copy of B times every weight."""
     stash = module.__dict__.get("_rnn_ext_grad_samples")
     if not stash:
         raise RuntimeError(
             "rnn_ext.RNN: Opacus asked for per-sample gradients that the module's backward did "
             "not form (was the forward run outside the GradSampleModule's hooks?)")
-    grads, loss_reduction = stash.pop()
-    scale = module.max_batch_len if loss_reduction == "mean" else 1
-    # (in place: the tensors are this backward's own, handed over by _PerSampleRNN)
-    return {p: g.mul_(scale) if scale != 1 else g
-            for p, g in zip(module._flat_weights, grads) if p.requires_grad}
+    grads = stash.pop()
+    out = {}
+    for p, g in zip(module._flat_weights, grads):
+        if not p.requires_grad:
+            continue
+        if _hands_over() and not hasattr(p, "_current_grad_sample") \
+                and g.shape[0] == module.max_batch_len:
+            p._current_grad_sample = g
+        else:
+            out[p] = g
+    return out
+
+
+@functools.cache
+def _hands_over() -> bool:
+    """Whether this opacus keeps per-sample gradients as _opacus_grad_sampler expects:
+    create_or_accumulate_grad_sample starts p._current_grad_sample (max_batch_len, *p.shape)
+    and adds later ones into it; promote_current_grad_sample moves it to p.grad_sample.
+    Otherwise every gradient goes through Opacus' own function."""
+    gsm = sys.modules.get("opacus.grad_sample.grad_sample_module")
+    funcs = [getattr(gsm, n, None) for n in ("create_or_accumulate_grad_sample",
+                                             "promote_current_grad_sample")]
+    return all("_current_grad_sample" in getattr(getattr(f, "__code__", None), "co_names", ())
+               for f in funcs)
 
 
 def _register_with_opacus():

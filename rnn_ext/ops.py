@@ -521,8 +521,11 @@ class _PerSampleRNN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, hx, batch_sizes, config, sink, *weights):
         has_biases, num_layers, bidirectional, relu, dropout, train = config
-        out, hy, ws, noise = rnn_forward(input, hx, list(weights), batch_sizes, has_biases,
-                                         num_layers, bidirectional, relu, dropout, train, True)
+        # (below autograd: this Function is the autograd; skips torch.library's Python door)
+        with torch._C._AutoDispatchBelowAutograd():
+            out, hy, ws, noise = rnn_forward(input, hx, list(weights), batch_sizes, has_biases,
+                                             num_layers, bidirectional, relu, dropout, train,
+                                             True)
         ctx.save_for_backward(input, hx, out, ws, noise, *weights)
         ctx.batch_sizes, ctx.config, ctx.sink = batch_sizes, config[:4], sink
         return out, hy
@@ -532,12 +535,32 @@ class _PerSampleRNN(torch.autograd.Function):
     def backward(ctx, grad_output, grad_hy):
         input, hx, out, ws, noise, *weights = ctx.saved_tensors
         n = ctx.needs_input_grad
-        gi, ghx, gw = rnn_backward_per_sample(
-            input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
-            *ctx.config, [bool(n[0]), bool(n[1])], hx.shape[1])
+        # the sink may want its per-sample gradients scaled (Opacus undoes a mean loss's 1/B):
+        # scale what goes in (the output and h_n gradients, T*B*H elements) rather than what
+        # comes out (B * every weight) where that is less, and unscale the summed results
+        scale = float(getattr(ctx.sink, "grad_scale", lambda: 1.0)())
+        scale_in = scale != 1.0 and _numel(grad_output, grad_hy, input, hx) < sum(
+            w.numel() for w in weights) * hx.shape[1]
+        if scale_in:
+            grad_output = None if grad_output is None else grad_output * scale
+            grad_hy = None if grad_hy is None else grad_hy * scale
+        with torch._C._AutoDispatchBelowAutograd():
+            gi, ghx, gw = rnn_backward_per_sample(
+                input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
+                *ctx.config, [bool(n[0]), bool(n[1])], hx.shape[1])
         summed = [g.sum(0) if nd else None for g, nd in zip(gw, n[5:])]
-        ctx.sink(gw)  # (after the sums: the sink owns gw and may scale it in place)
+        if scale_in:
+            summed = [None if g is None else g.div_(scale) for g in summed]
+            gi, ghx = gi.div_(scale), ghx.div_(scale)
+        elif scale != 1.0:
+            for g in gw:
+                g.mul_(scale)
+        ctx.sink(gw)  # (the sink owns gw: the sums are taken)
         return (gi if n[0] else None, ghx if n[1] else None, None, None, None, *summed)
+
+
+def _numel(*ts):
+    return sum(t.numel() for t in ts if t is not None)
 def _reference_tangents(saved, config, input_t, hx_t, weights_t):
     """(output tangent, h_n tangent) by differentiating rnn_ext.reference in forward mode
     (torch.func.jvp) with the same batch sizes and dropout noise: the path where the fused

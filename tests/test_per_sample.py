@@ -446,3 +446,78 @@ def test_opacus_registration_without_importing_opacus(first):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
+
+
+def _single_sample_grads(model, loss_of, samples):
+    """{name: (len(samples), *shape)}: each sample's own gradient (hooks off)."""
+    rows = []
+    for b in samples:
+        rows.append(torch.autograd.grad(loss_of([b]), list(model.parameters())))
+    return {n: torch.stack(r) for (n, _), r in zip(model.named_parameters(), zip(*rows))}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_opacus_accumulates_over_calls_and_batches(reduction):
+    """Opacus' accumulation around the buffers rnn_ext hands over (its _current_grad_sample):
+    the RNN run twice in one forward (per-sample gradients summed over both calls, in the
+    buffer of the first), and two backward passes before an optimizer step (grad_sample a
+    list, one entry per batch, the second batch smaller than the first)."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(3)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn_ext.RNN(I, H, num_layers=2, batch_first=True, dtype=torch.float64)
+            self.head = torch.nn.Linear(H, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            _, h1 = self.rnn(x)
+            _, h2 = self.rnn(x.flip(1) * 0.5)
+            return self.head(h1[-1] + h2[-1])
+
+    model = Twice()
+    gsm = GradSampleModule(model, loss_reduction=reduction)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,), generator=g)
+    F = torch.nn.functional
+    batches = [list(range(B)), [1, 3, 4]]
+    for idx in batches:
+        F.cross_entropy(gsm(x[idx]), y[idx], reduction=reduction).backward()
+    gsm.disable_hooks()
+    for k, idx in enumerate(batches):
+        # (Opacus undoes a mean loss's 1/B: a sample's gradient is that of its own loss)
+        want = _single_sample_grads(model, lambda s: F.cross_entropy(model(x[s]), y[s]), idx)
+        for n, p in model.named_parameters():
+            assert isinstance(p.grad_sample, list) and len(p.grad_sample) == 2, n
+            torch.testing.assert_close(p.grad_sample[k], want[n], **TOL[torch.float64],
+                                       msg=lambda s: f"{n}, batch {k}: {s}")
+
+
+
+@pytest.mark.parametrize("T_, H_", [(3, 8), (40, 2)], ids=["scale_in", "scale_out"])
+def test_opacus_mean_scale_both_ways(T_, H_):
+    """A mean loss's per-sample gradients are scaled by the batch size (Opacus' convention)
+    either through the output gradients going into the kernel (short sequences, wide
+    weights) or on the per-sample gradients coming out (long sequences, narrow weights);
+    both give each sample's own gradient, and .grad stays the mean loss's."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(8)
+    rnn = rnn_ext.RNN(2, H_, num_layers=2, batch_first=True, dtype=torch.float64)
+    model = _Clf(rnn, use_h=False)
+    gsm = GradSampleModule(model)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(B, T_, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (B,), generator=g)
+    F = torch.nn.functional
+    F.cross_entropy(gsm(x), y).backward()
+    gsm.disable_hooks()
+    want = _single_sample_grads(model, lambda s: F.cross_entropy(model(x[s]), y[s]), range(B))
+    total = torch.autograd.grad(F.cross_entropy(model(x), y), [x, *model.parameters()])
+    torch.testing.assert_close(x.grad, total[0], **TOL[torch.float64])
+    for (n, p), gt in zip(model.named_parameters(), total[1:]):
+        torch.testing.assert_close(p.grad_sample, want[n], **TOL[torch.float64], msg=n)
+        torch.testing.assert_close(p.grad, gt, **TOL[torch.float64], msg=n)
