@@ -1,4 +1,5 @@
 // Argument checks and helpers shared by every backend.
+#include <cmath>
 #include "rnn_ext.h"
 
 #include <limits>
@@ -161,6 +162,22 @@ void check_groups(const Geometry& g, int64_t groups) {
   TORCH_CHECK(groups >= 0 && (groups == 0 ? g.B == 0 : g.B % groups == 0),
               "rnn_ext: per-sample gradients: groups must divide the batch size ", g.B,
               " (and be positive for a non-empty batch), got ", groups);
+}
+
+void check_per_sample_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale != 0.0,
+              "rnn_ext: per-sample gradients: scale must be finite and nonzero, got ", scale);
+}
+
+std::vector<at::Tensor> summed_from_groups(const std::vector<at::Tensor>& per_group,
+                                           double scale) {
+  std::vector<at::Tensor> out;
+  out.reserve(per_group.size());
+  for (const auto& g : per_group) {
+    at::Tensor s = g.sum(0);
+    out.push_back(scale == 1.0 ? s : s.div_(scale));
+  }
+  return out;
 }
 
 void check_jvp_args(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,

@@ -809,16 +809,25 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
                        kSummedGradients);
 }
 
-BackwardResult rnn_backward_per_sample_cuda(
+PerSampleResult rnn_backward_per_sample_cuda(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
     const at::Tensor& workspace, const at::Tensor& noise,
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
     bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
-    std::array<bool, 2> output_mask, int64_t groups) {
-  return backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
-                       grad_hy, has_biases, num_layers, bidirectional, relu,
-                       {output_mask[0], output_mask[1], true}, groups);
+    std::array<bool, 3> output_mask, int64_t groups, double scale) {
+  check_per_sample_scale(scale);
+  auto [gi, ghx, gw] =
+      backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                    grad_hy, has_biases, num_layers, bidirectional, relu,
+                    {output_mask[0], output_mask[1], true}, groups);
+  // the summed gradients first (unscaled), then the per-group ones scaled in place
+  std::vector<at::Tensor> summed =
+      output_mask[2] ? summed_from_groups(gw, 1.0) : std::vector<at::Tensor>{};
+  if (scale != 1.0) {
+    for (auto& t : gw) t.mul_(scale);
+  }
+  return {gi, ghx, gw, summed};
 }
 
 #ifndef RNN_EXT_SIMT_EMULATION  // (diagnostics that need a real device)

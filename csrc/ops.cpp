@@ -142,13 +142,17 @@ TORCH_LIBRARY(rnn_ext, m) {
       "-> (Tensor, Tensor, Tensor[])");
   // rnn_backward with one weight gradient per group of batch rows: grad_weights[i] is
   // (groups, *weights[i].shape), the sum over the rows [k*B/groups, (k+1)*B/groups) and all
-  // their steps (groups == B: per-sample gradients, for DP training).  output_mask = [input,
-  // hx].  CPU and CUDA (the CUDA one so far run only under the SIMT emulation).
+  // their steps, times `scale` (groups == B: per-sample gradients, for DP training; scale: the
+  // batch size Opacus multiplies a mean loss's per-sample gradients by).  output_mask =
+  // [input, hx, summed]; summed_weights: the usual summed, unscaled weight gradients when
+  // asked (formed from the per-group ones), else empty.  CPU and CUDA (the CUDA one so far
+  // run only under the SIMT emulation).
   m.def(
       "rnn_backward_per_sample(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, "
       "Tensor output, Tensor workspace, Tensor noise, Tensor? grad_output, Tensor? grad_hy, "
-      "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[2] output_mask, "
-      "int groups) -> (Tensor, Tensor, Tensor[])");
+      "bool has_biases, int num_layers, bool bidirectional, bool relu, bool[3] output_mask, "
+      "int groups, float scale=1.0) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor[] grad_weights, Tensor[] summed_weights)");
   // Forward-mode AD: the tangents of (output, h_n) for the tangents of input, hx and each
   // weight (None: zero), from a forward run with need_grad (its output, workspace and noise).
   m.def(

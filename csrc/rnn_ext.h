@@ -79,17 +79,29 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
 
 // The backward with one weight gradient per group of batch rows (per-sample gradients when
 // groups == B): grad_weights[i] is (groups, *weights[i].shape), group k the sum over the batch
-// rows [k*B/groups, (k+1)*B/groups) and all their steps.  output_mask = [input, hx].
-BackwardResult rnn_backward_per_sample_cpu(
+// rows [k*B/groups, (k+1)*B/groups) and all their steps, times `scale`.  output_mask = [input,
+// hx, summed]: summed asks for the ordinary (summed, unscaled) weight gradients as well, formed
+// from the per-group ones while they are in cache (else an empty list).
+using PerSampleResult =
+    std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+PerSampleResult rnn_backward_per_sample_cpu(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
     const at::Tensor& workspace, const at::Tensor& noise,
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
     bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
-    std::array<bool, 2> output_mask, int64_t groups);
+    std::array<bool, 3> output_mask, int64_t groups, double scale);
+
+// The summed weight gradients from per-group ones (B, *w) scaled by `scale`: sum over the
+// groups, divided by scale (the CUDA glue's; the CPU kernel sums while it forms them).
+std::vector<at::Tensor> summed_from_groups(const std::vector<at::Tensor>& per_group,
+                                           double scale);
 
 // groups must be >= 0 and divide the batch (0 only for an empty batch).
 void check_groups(const Geometry& g, int64_t groups);
+// scale must be finite and nonzero (the summed gradients are divided by it).
+void check_per_sample_scale(double scale);
 // Forward-mode AD: the tangents of output and h_n (same shapes) for the tangents of input, hx
 // and each weight (undefined / nullopt: zero), from a forward run with need_grad (its output,
 // workspace and noise).  CPU only (see rnn_ext/ops.py for the other devices).
@@ -132,13 +144,13 @@ BackwardResult rnn_backward_cuda(const at::Tensor& input, const at::Tensor& hx,
 
 // rnn_backward_per_sample_cpu's counterpart: the same BPTT as rnn_backward_cuda, then each
 // group's weight and bias gradients as batched GEMMs over its own rows (csrc/cuda_glue.cpp).
-BackwardResult rnn_backward_per_sample_cuda(
+PerSampleResult rnn_backward_per_sample_cuda(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
     const at::Tensor& workspace, const at::Tensor& noise,
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
     bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
-    std::array<bool, 2> output_mask, int64_t groups);
+    std::array<bool, 3> output_mask, int64_t groups, double scale);
 #endif
 
 }  // namespace rnn_ext

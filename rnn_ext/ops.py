@@ -105,7 +105,7 @@ def _rnn_backward_fake(
 @torch.library.register_fake("rnn_ext::rnn_backward_per_sample")
 def _rnn_backward_per_sample_fake(
     input, hx, weights, batch_sizes, output, workspace, noise, grad_output, grad_hy,
-    has_biases, num_layers, bidirectional, relu, output_mask, groups,
+    has_biases, num_layers, bidirectional, relu, output_mask, groups, scale=1.0,
 ):
     _check_same_device(input, hx, weights, output, workspace, noise, grad_output, grad_hy)
     _check_batch_sizes(batch_sizes)
@@ -113,7 +113,8 @@ def _rnn_backward_per_sample_fake(
     grad_input = input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,))
     grad_hx = hx.new_empty(hx.shape) if output_mask[1] else hx.new_empty((0,))
     grad_weights = [w.new_empty((groups, *w.shape)) for w in weights]
-    return grad_input, grad_hx, grad_weights
+    summed = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
+    return grad_input, grad_hx, grad_weights, summed
 @torch.library.register_fake("rnn_ext::rnn_jvp")
 def _rnn_jvp_fake(
     input, hx, weights, batch_sizes, output, workspace, noise, input_t, hx_t, weights_t,
@@ -488,7 +489,7 @@ class _FuncRNNBackward(torch.autograd.Function):
         args = (x, h, list(weights), None, o, w_s, nz, g_o, g_h, has_biases, num_layers,
                 bidirectional, relu)
         if any(needs[2]):
-            gi, ghx, gw = rnn_backward_per_sample(*args, [needs[0], needs[1]], V)
+            gi, ghx, gw, _ = rnn_backward_per_sample(*args, [needs[0], needs[1], False], V)
             gw = [g if n else None for g, n in zip(gw, needs[2])]
         else:
             gi, ghx, _ = rnn_backward(*args, [needs[0], needs[1], False])
@@ -536,31 +537,17 @@ class _PerSampleRNN(torch.autograd.Function):
         input, hx, out, ws, noise, *weights = ctx.saved_tensors
         n = ctx.needs_input_grad
         # the sink may want its per-sample gradients scaled (Opacus undoes a mean loss's 1/B):
-        # scale what goes in (the output and h_n gradients, T*B*H elements) rather than what
-        # comes out (B * every weight) where that is less, and unscale the summed results
-        scale = float(getattr(ctx.sink, "grad_scale", lambda: 1.0)())
-        scale_in = scale != 1.0 and _numel(grad_output, grad_hy, input, hx) < sum(
-            w.numel() for w in weights) * hx.shape[1]
-        if scale_in:
-            grad_output = None if grad_output is None else grad_output * scale
-            grad_hy = None if grad_hy is None else grad_hy * scale
+        # the kernel scales them as it forms them; the summed gradients come out unscaled
+        scale = float(getattr(ctx.sink, "grad_scale", lambda: 1.0)()) or 1.0
         with torch._C._AutoDispatchBelowAutograd():
-            gi, ghx, gw = rnn_backward_per_sample(
+            gi, ghx, gw, summed = rnn_backward_per_sample(
                 input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
-                *ctx.config, [bool(n[0]), bool(n[1])], hx.shape[1])
-        summed = [g.sum(0) if nd else None for g, nd in zip(gw, n[5:])]
-        if scale_in:
-            summed = [None if g is None else g.div_(scale) for g in summed]
-            gi, ghx = gi.div_(scale), ghx.div_(scale)
-        elif scale != 1.0:
-            for g in gw:
-                g.mul_(scale)
-        ctx.sink(gw)  # (the sink owns gw: the sums are taken)
-        return (gi if n[0] else None, ghx if n[1] else None, None, None, None, *summed)
+                *ctx.config, [bool(n[0]), bool(n[1]), True], hx.shape[1], scale)
+        ctx.sink(gw)  # (the sink owns gw)
+        return (gi if n[0] else None, ghx if n[1] else None, None, None, None,
+                *[g if nd else None for g, nd in zip(summed, n[5:])])
 
 
-def _numel(*ts):
-    return sum(t.numel() for t in ts if t is not None)
 def _reference_tangents(saved, config, input_t, hx_t, weights_t):
     """(output tangent, h_n tangent) by differentiating rnn_ext.reference in forward mode
     (torch.func.jvp) with the same batch sizes and dropout noise: the path where the fused

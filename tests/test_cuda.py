@@ -651,14 +651,16 @@ def test_per_sample_backward_matches_cpu(dtype, lengths, bi, groups, dropout):
     go = torch.randn(out.shape, generator=g, dtype=torch.float64).to("cuda", dtype)
     gh = torch.randn(hy.shape, generator=g, dtype=torch.float64).to("cuda", dtype)
     args = [inp, h0, w, bs, out, ws, noise, go, gh, True, L, bi, False]
-    got = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True], groups)
+    got = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True, True], groups, 3.0)
     cpu = [[t.cpu() for t in a] if isinstance(a, list) else
            (a.cpu() if isinstance(a, torch.Tensor) else a) for a in args]
-    want = torch.ops.rnn_ext.rnn_backward_per_sample(*cpu, [True, True], groups)
+    want = torch.ops.rnn_ext.rnn_backward_per_sample(*cpu, [True, True, True], groups, 3.0)
     res = {"grad_input": got[0], "grad_hx": got[1]}
     res.update({f"weight {i}": a for i, a in enumerate(got[2])})
+    res.update({f"summed {i}": a for i, a in enumerate(got[3])})
     ref = {"grad_input": want[0], "grad_hx": want[1]}
     ref.update({f"weight {i}": b for i, b in enumerate(want[2])})
+    ref.update({f"summed {i}": b for i, b in enumerate(want[3])})
     for i, a in enumerate(got[2]):
         assert a.shape == (groups, *w[i].shape) and a.is_cuda
     assert_close({k: v.cpu().double() for k, v in res.items()},

@@ -864,24 +864,29 @@ def test_cuda_backend_per_sample_gradients(glue, case):
     gh = torch.randn(L * D, B, H, generator=g, dtype=torch.float64)
     args = (inp, h0, w, bs, out, ws, noise, go.to(dtype).reshape(out.shape), gh.to(dtype), bias,
             L, bi, relu)
-    gi, ghx, gw = glue.backward_per_sample(*args, [True, True], groups)
-    assert len(gw) == len(w)
-    for a, wi in zip(gw, w):
+    scale = 2.5 if groups % 2 == 0 else 1.0  # (Opacus' batch-size factor for a mean loss)
+    gi, ghx, gw, gsum = glue.backward_per_sample(*args, [True, True, True], groups, scale)
+    assert len(gw) == len(w) == len(gsum)
+    for a, s, wi in zip(gw, gsum, w):
         assert a.shape == (groups, *wi.shape) and a.dtype == dtype
+        assert s.shape == wi.shape and s.dtype == dtype
 
     tol = PS_TOL[dtype] * (1 if dtype == torch.float64 else 4 * (L + 1))
     # 1. the CPU op on the same saved forward (its float64 twin for float32)
-    cpu = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True], groups)
+    cpu = torch.ops.rnn_ext.rnn_backward_per_sample(*args, [True, True, True], groups, scale)
     close(gi.double().numpy(), cpu[0].double().numpy(), tol)
     close(ghx.double().numpy(), cpu[1].double().numpy(), tol)
-    for a, c in zip(gw, cpu[2]):
+    for a, c in zip(gw + gsum, cpu[2] + cpu[3]):
         close(a.double().numpy(), c.double().numpy(), tol)
     # 2. the summed backward: the same input / hx gradients, weight gradients = sum of groups
+    # (unscaled: the summed gradients the op returns too)
     si, shx, sw = glue.backward(*args, [True, True, True])
     close(gi.double().numpy(), si.double().numpy(), tol)
     close(ghx.double().numpy(), shx.double().numpy(), tol)
-    for a, s in zip(gw, sw):
-        close(a.double().sum(0).numpy(), s.double().numpy(), tol)
+    for a, s, s2 in zip(gw, sw, gsum):
+        close(a.double().sum(0).numpy() / scale, s.double().numpy(), tol)
+        close(s2.double().numpy(), s.double().numpy(), tol)
+    assert glue.backward_per_sample(*args, [False, False, False], groups, 1.0)[3] == []
     # 3. per group: the reference on the group's own rows alone, one autograd.grad each
     gs = B // groups
     for k in range(groups):
@@ -896,7 +901,7 @@ def test_cuda_backend_per_sample_gradients(glue, case):
         want = torch.autograd.grad(loss, wd)
         for i, (a, r) in enumerate(zip(gw, want)):
             try:
-                close(a[k].double().numpy(), r.numpy(), tol)
+                close(a[k].double().numpy(), scale * r.numpy(), tol)
             except AssertionError as e:
                 raise AssertionError(f"group {k}, weight {i}: {e}") from None
 
@@ -910,11 +915,12 @@ def test_cuda_backend_per_sample_errors(glue):
     x, h0 = torch.randn(2, 4, 3), torch.zeros(1, 4, 4)
     out, hy, ws, noise = glue.forward(x, h0, w, None, True, 1, False, False, 0.0, False, True)
     args = (x, h0, w, None, out, ws, noise, torch.ones_like(out), None, True, 1, False, False)
-    for groups in (3, -1, 0, 8):
+    bad = [(groups, 1.0, "groups must divide the batch size 4") for groups in (3, -1, 0, 8)]
+    bad += [(4, scale, "scale must be finite and nonzero") for scale in (0.0, float("inf"))]
+    for groups, scale, msg in bad:
         with pytest.raises(RuntimeError) as cuda_err:
-            glue.backward_per_sample(*args, [False, False], groups)
+            glue.backward_per_sample(*args, [False, False, True], groups, scale)
         with pytest.raises(RuntimeError) as cpu_err:
-            torch.ops.rnn_ext.rnn_backward_per_sample(*args, [False, False], groups)
-        msg = "groups must divide the batch size 4"
+            torch.ops.rnn_ext.rnn_backward_per_sample(*args, [False, False, True], groups, scale)
         assert msg in str(cuda_err.value) and msg in str(cpu_err.value)
         assert str(cpu_err.value).splitlines()[0] in str(cuda_err.value)

@@ -167,16 +167,22 @@ def test_errors():
     out, hy, ws, noise = rnn_ext.ops.rnn_forward(x, h0, w, None, True, 2, False, False, 0.0,
                                                  False, True)
     args = (x, h0, w, None, out, ws, noise, torch.ones_like(out), None, True, 2, False, False,
-            [False, False])
+            [False, False, True])
     with pytest.raises(RuntimeError, match="groups must divide the batch size 4"):
         rnn_ext.ops.rnn_backward_per_sample(*args, 3)
     with pytest.raises(RuntimeError, match="groups must divide"):
         rnn_ext.ops.rnn_backward_per_sample(*args, 0)
-    # groups = 2: each pair of rows summed
-    _, _, gw = rnn_ext.ops.rnn_backward_per_sample(*args, 2)
-    _, _, g4 = rnn_ext.ops.rnn_backward_per_sample(*args, 4)
-    for a, b in zip(gw, g4):
-        torch.testing.assert_close(a, b.view(2, 2, *b.shape[1:]).sum(1))
+    for scale in (0.0, float("nan")):
+        with pytest.raises(RuntimeError, match="scale must be finite and nonzero"):
+            rnn_ext.ops.rnn_backward_per_sample(*args, 4, scale)
+    # groups = 2: each pair of rows summed; the summed gradients whatever the groups and scale
+    _, _, gw, s2 = rnn_ext.ops.rnn_backward_per_sample(*args, 2)
+    _, _, g4, s4 = rnn_ext.ops.rnn_backward_per_sample(*args, 4, 3.0)
+    _, _, summed = rnn_ext.ops.rnn_backward(*args[:-1], [False, False, True])
+    for a, b, c, d, e in zip(gw, g4, s2, s4, summed):
+        torch.testing.assert_close(a, b.view(2, 2, *b.shape[1:]).sum(1) / 3)
+        torch.testing.assert_close(c, e)
+        torch.testing.assert_close(d, e)
 
 
 # --- torch.func ----------------------------------------------------------------------------
@@ -497,12 +503,11 @@ def test_opacus_accumulates_over_calls_and_batches(reduction):
 
 
 
-@pytest.mark.parametrize("T_, H_", [(3, 8), (40, 2)], ids=["scale_in", "scale_out"])
-def test_opacus_mean_scale_both_ways(T_, H_):
+@pytest.mark.parametrize("T_, H_", [(3, 8), (40, 2)], ids=["short_wide", "long_narrow"])
+def test_opacus_mean_scale(T_, H_):
     """A mean loss's per-sample gradients are scaled by the batch size (Opacus' convention)
-    either through the output gradients going into the kernel (short sequences, wide
-    weights) or on the per-sample gradients coming out (long sequences, narrow weights);
-    both give each sample's own gradient, and .grad stays the mean loss's."""
+    by the kernel as it forms them: each sample's own gradient, while .grad and the input's
+    gradient stay the mean loss's."""
     from opacus import GradSampleModule
 
     torch.manual_seed(8)

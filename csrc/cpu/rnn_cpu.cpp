@@ -571,20 +571,40 @@ void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
 // offset[t] + r), dz^T x (W_ih), dz^T h_prev (W_hh) and dz (biases): only its own rows, never
 // another sample's steps or padding.  dz: (N, *) rows with stride ld_dz; x: (N, in_size)
 // contiguous; prev: (N, H) contiguous.  Writes the k-th (H, in_size), (H, H), (H) blocks of
-// gw_ih, gw_hh, gb (gb may be null).  Groups run in parallel on torch's threads.
+// gw_ih, gw_hh, gb (gb may be null), each times `scale`.  sums (may be null): the summed
+// gradients [W_ih (H, in_size), W_hh (H, H), bias (H) if gb] (unscaled), formed from each
+// group's blocks while they are in cache: each thread's chunk of groups accumulates its own
+// partial sums, added in chunk order at the end (the same result for the same thread count).
+// Groups run in parallel on torch's threads.
 template <typename T>
 void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t ld_dz,
-                        const T* x, int64_t in_size, const T* prev, T* gw_ih, T* gw_hh, T* gb) {
-  if (groups == 0) return;  // (an empty batch)
+                        const T* x, int64_t in_size, const T* prev, T* gw_ih, T* gw_hh, T* gb,
+                        T scale, const std::array<T*, 3>* sums) {
+  if (groups == 0) {  // (an empty batch)
+    if (sums != nullptr) {
+      std::fill_n((*sums)[0], g.H * in_size, T(0));
+      std::fill_n((*sums)[1], g.H * g.H, T(0));
+      if (gb != nullptr) std::fill_n((*sums)[2], g.H, T(0));
+    }
+    return;
+  }
   const int64_t H = g.H, gs = g.B / groups;
+  const int64_t n_ih = H * in_size, n_hh = H * H, n_b = gb != nullptr ? H : 0;
+  const int64_t n_all = n_ih + n_hh + n_b;
   // Dense input, one sample per group: sample k's rows are k, k + B, k + 2B, ...: one strided
   // product per weight, nothing copied.
   const bool strided = !g.packed && gs == 1;
+  std::vector<std::vector<T>> partial(sums != nullptr ? groups : 0);  // by chunk start
   at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> zb, xb, pb;  // this thread's gathered rows of a group
+    T* acc = nullptr;
+    if (sums != nullptr) {
+      partial[k0].assign(n_all, T(0));
+      acc = partial[k0].data();
+    }
     for (int64_t k = k0; k < k1; ++k) {
-      T* o_ih = gw_ih + k * H * in_size;
-      T* o_hh = gw_hh + k * H * H;
+      T* o_ih = gw_ih + k * n_ih;
+      T* o_hh = gw_hh + k * n_hh;
       const T *z, *xs, *ps;
       int64_t ldz, ldx, ldp, K;
       if (strided) {
@@ -608,9 +628,40 @@ void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t 
         }
         z = zb.data(); ldz = H; xs = xb.data(); ldx = in_size; ps = pb.data(); ldp = H;
       }
-      gemm<T>(true, false, H, in_size, K, T(1), z, ldz, xs, ldx, T(0), o_ih, in_size);
-      gemm<T>(true, false, H, H, K, T(1), z, ldz, ps, ldp, T(0), o_hh, H);
-      if (gb != nullptr) column_sums<T>(z, K, H, ldz, gb + k * H);
+      gemm<T>(true, false, H, in_size, K, scale, z, ldz, xs, ldx, T(0), o_ih, in_size);
+      gemm<T>(true, false, H, H, K, scale, z, ldz, ps, ldp, T(0), o_hh, H);
+      T* o_b = gb != nullptr ? gb + k * H : nullptr;
+      if (o_b != nullptr) {
+        column_sums<T>(z, K, H, ldz, o_b);
+        if (scale != T(1)) {
+          for (int64_t j = 0; j < H; ++j) o_b[j] *= scale;
+        }
+      }
+      if (acc != nullptr) {
+        for (int64_t e = 0; e < n_ih; ++e) acc[e] += o_ih[e];
+        for (int64_t e = 0; e < n_hh; ++e) acc[n_ih + e] += o_hh[e];
+        for (int64_t e = 0; e < n_b; ++e) acc[n_ih + n_hh + e] += o_b[e];
+      }
+    }
+  });
+  if (sums == nullptr) return;
+  std::vector<const T*> parts;
+  for (const auto& p : partial) {
+    if (!p.empty()) parts.push_back(p.data());
+  }
+  const T inv = T(1) / scale;
+  at::parallel_for(0, n_all, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      T v = T(0);
+      for (const T* p : parts) v += p[e];
+      v = scale == T(1) ? v : v * inv;
+      if (e < n_ih) {
+        (*sums)[0][e] = v;
+      } else if (e < n_ih + n_hh) {
+        (*sums)[1][e - n_ih] = v;
+      } else {
+        (*sums)[2][e - n_ih - n_hh] = v;
+      }
     }
   });
 }
@@ -620,7 +671,8 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
                              const std::vector<at::Tensor>& w, const at::Tensor& output,
                              const at::Tensor& ws, const at::Tensor& noise,
                              const at::Tensor& grad_output, const at::Tensor& grad_hy,
-                             const std::array<bool, 3>& mask, int64_t groups = -1) {
+                             const std::array<bool, 3>& mask, int64_t groups = -1,
+                             T scale = T(1), std::vector<at::Tensor>* summed = nullptr) {
   const int64_t H = g.H, DH = g.D * g.H, L = g.L, layer_elems = g.N * DH;
   const auto dt = input.scalar_type();
   const bool need_input = mask[0], need_hx = mask[1], need_w = mask[2];
@@ -707,6 +759,7 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
       std::vector<int64_t> sizes(wi.sizes().begin(), wi.sizes().end());
       if (groups >= 0) sizes.insert(sizes.begin(), groups);
       grad_w.push_back(new_tensor(sizes, dt));
+      if (summed != nullptr) summed->push_back(new_tensor(wi.sizes(), dt));
     }
     at::Tensor prev = new_tensor({g.N, H}, dt);
     at::Tensor dropped = has_noise ? new_tensor({g.N, DH}, dt) : at::Tensor();
@@ -724,12 +777,21 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
         gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
                        prev.data_ptr<T>());
         if (groups >= 0) {
+          std::array<T*, 3> sums{};
+          if (summed != nullptr) {
+            sums = {(*summed)[base].data_ptr<T>(), (*summed)[base + 1].data_ptr<T>(),
+                    g.has_biases ? (*summed)[base + 2].data_ptr<T>() : nullptr};
+          }
           group_weight_grads<T>(g, groups, dz, DH, layer_in, in_size, prev.data_ptr<T>(),
                                 grad_w[base].data_ptr<T>(), grad_w[base + 1].data_ptr<T>(),
-                                g.has_biases ? grad_w[base + 2].data_ptr<T>() : nullptr);
+                                g.has_biases ? grad_w[base + 2].data_ptr<T>() : nullptr, scale,
+                                summed != nullptr ? &sums : nullptr);
           if (g.has_biases) {
             std::copy_n(grad_w[base + 2].data_ptr<T>(), groups * H,
                         grad_w[base + 3].data_ptr<T>());
+            if (summed != nullptr) {
+              std::copy_n(sums[2], H, (*summed)[base + 3].data_ptr<T>());
+            }
           }
           continue;
         }
@@ -982,14 +1044,15 @@ ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
 
 namespace {
 // rnn_backward_cpu (groups == kSummedGradients: summed weight gradients) and
-// rnn_backward_per_sample_cpu (groups checked >= 0).
+// rnn_backward_per_sample_cpu (groups checked >= 0; summed: also the summed gradients).
 BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
                             const std::optional<at::Tensor>& batch_sizes,
                             const at::Tensor& output, const at::Tensor& workspace,
                             const at::Tensor& noise, const std::optional<at::Tensor>& grad_output,
                             const std::optional<at::Tensor>& grad_hy, bool has_biases,
                             int64_t num_layers, bool bidirectional, bool relu,
-                            std::array<bool, 3> output_mask, int64_t groups) {
+                            std::array<bool, 3> output_mask, int64_t groups, double scale = 1.0,
+                            std::vector<at::Tensor>* summed = nullptr) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Geometry g =
       geometry(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu);
@@ -1001,7 +1064,8 @@ BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::T
     using T = decltype(tag);
     return backward_impl<T>(g, as_dtype(input, ct), as_dtype(hx, ct), as_dtype(weights, ct),
                             as_dtype(output, ct), as_dtype(workspace, ct), as_dtype(noise, ct),
-                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask, groups);
+                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask, groups,
+                            static_cast<T>(scale), summed);
   };
   BackwardResult r = ct == at::kDouble ? run(double{}) : run(float{});
   if (ct != dt) {
@@ -1009,6 +1073,11 @@ BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::T
     gi = gi.to(dt);
     ghx = ghx.to(dt);
     for (size_t i = 0; i < gw.size(); ++i) gw[i] = gw[i].to(weights[i].scalar_type());
+    if (summed != nullptr) {
+      for (size_t i = 0; i < summed->size(); ++i) {
+        (*summed)[i] = (*summed)[i].to(weights[i].scalar_type());
+      }
+    }
   }
   return r;
 }
@@ -1028,16 +1097,21 @@ BackwardResult rnn_backward_cpu(const at::Tensor& input, const at::Tensor& hx,
                       kSummedGradients);
 }
 
-BackwardResult rnn_backward_per_sample_cpu(
+PerSampleResult rnn_backward_per_sample_cpu(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, const at::Tensor& output,
     const at::Tensor& workspace, const at::Tensor& noise,
     const std::optional<at::Tensor>& grad_output, const std::optional<at::Tensor>& grad_hy,
     bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
-    std::array<bool, 2> output_mask, int64_t groups) {
-  return backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
-                      grad_hy, has_biases, num_layers, bidirectional, relu,
-                      {output_mask[0], output_mask[1], true}, groups);
+    std::array<bool, 3> output_mask, int64_t groups, double scale) {
+  check_per_sample_scale(scale);
+  std::vector<at::Tensor> summed;
+  auto [gi, ghx, gw] =
+      backward_cpu(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
+                   grad_hy, has_biases, num_layers, bidirectional, relu,
+                   {output_mask[0], output_mask[1], true}, groups, scale,
+                   output_mask[2] ? &summed : nullptr);
+  return {gi, ghx, gw, summed};
 }
 
 JvpResult rnn_jvp_cpu(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,

@@ -38,10 +38,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const at::Tensor& workspace, const at::Tensor& noise,
            const std::optional<at::Tensor>& grad_output,
            const std::optional<at::Tensor>& grad_hy, bool has_biases, int64_t num_layers,
-           bool bidirectional, bool relu, std::vector<bool> mask, int64_t groups) {
+           bool bidirectional, bool relu, std::vector<bool> mask, int64_t groups,
+           double scale) {
           return rnn_ext::rnn_backward_per_sample_cuda(
               input, hx, weights, batch_sizes, output, workspace, noise, grad_output, grad_hy,
-              has_biases, num_layers, bidirectional, relu, {mask[0], mask[1]}, groups);
+              has_biases, num_layers, bidirectional, relu, {mask[0], mask[1], mask[2]}, groups,
+              scale);
         });
   m.def("set_kernel", &rnn_ext::set_cuda_kernel_mode);
   m.def("kernel_used",
