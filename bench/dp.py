@@ -4,7 +4,11 @@ rnn_ext's own plain training step.
 
 Model: RNN (batch_first) -> linear head on the last step -> cross-entropy, (T, B, I, H, L).
 Timed per training step (forward + backward, per-sample gradients of every parameter where
-asked; no optimizer step), medians over interleaved repetitions in one process:
+asked; no optimizer step), medians over interleaved repetitions in one process; in each
+repetition every contender runs --warm untimed steps right before its timed one, so that a step
+is timed in the cache and allocator state its own previous step left, as in a training loop
+(back to back after another contender's step, rnn_ext's small steps measured up to 1.5x slower:
+DPRNN's thousands of small tensors evict its weights and buffers):
 
   plain       rnn_ext.RNN, loss.backward() (no per-sample gradients)
   ours_ctx    rnn_ext.RNN under rnn_ext.per_sample_gradients (the RNN's grad_sample only)
@@ -141,6 +145,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warm", type=int, default=1,
+                    help="untimed steps of a contender right before each of its timed steps")
     ap.add_argument("--kinds", default="plain,ours_ctx,ours_opacus,ours_vmap,dprnn")
     ap.add_argument("--out", default=os.path.join(
         REPO, "bench", "results", f"dp-{datetime.date.today().isoformat()}"))
@@ -166,7 +172,7 @@ def main():
                     summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
                         sum(map(math.log, s)) / len(s))
         res.update(
-            config=dict(threads=args.threads, reps=args.reps, kinds=kinds,
+            config=dict(threads=args.threads, reps=args.reps, warm=args.warm, kinds=kinds,
                         command=" ".join(sys.argv)),
             machine=dict(platform=platform.platform(), processor=platform.processor(),
                          cpus=os.cpu_count(), torch=torch.__version__,
@@ -187,6 +193,8 @@ def main():
         times = {k: [] for k in kinds}
         for _ in range(reps):  # interleaved
             for k in kinds:
+                for _ in range(args.warm):
+                    steps[k]()
                 t0 = time.perf_counter()
                 steps[k]()
                 times[k].append(time.perf_counter() - t0)
