@@ -24,6 +24,9 @@
 #                     backward), only rnn_ext's kernels instrumented, no caching allocator
 #   bench_tf32_off    issue 5's grid, rnn_ext (persistent) vs cuDNN, TF32 off for both
 #   issue5_summary    issue 5's targets from that grid
+#   bench_narrow_a    bf16, B in {32,128}, H in {512,1024} again with the tensor-core kernels' old
+#                     4-byte A-fragment loads (RNN_EXT_CUDA_MMA_NARROW_A=1), if >= 60 s are left
+#   narrow_a_compare  8-byte against 4-byte loads on those points (bench/narrow_a_compare.py)
 #   bench_tf32_on     the same grid with TF32 on for both, if >= 90 s are left
 # A persistent stage that hangs (its timeout, or pytest-timeout's) makes the later stages run the
 # step kernels only.  No CPU-only test runs here.  Exit status: non-zero when the build or the
@@ -331,6 +334,25 @@ if [ "${RC[build]}" = 0 ]; then
   else
     skip_stage issue5_summary "no persistent bench results"
   fi
+  # the tensor-core variant's A-fragment loads, 8-byte (default, above) against 4-byte
+  NGRID="512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
+  if [ "$KERNEL" != persistent ]; then
+    skip_stage bench_narrow_a "a persistent stage hung"
+    skip_stage narrow_a_compare "a persistent stage hung"
+  elif [ "$(left)" -ge 60 ]; then
+    run_stage bench_narrow_a 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_MMA_NARROW_A=1 \
+      "$PY" bench/bench.py --device cuda --grid "$NGRID" --dtypes bfloat16 --modes fwd,train \
+      --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
+      --no-plots --no-progress --tf32 off --name persistent_fwd_narrow_a
+    if [ -f "$WORK/persistent_fwd_narrow_a.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+      run_stage narrow_a_compare 20 "" "$PY" bench/narrow_a_compare.py "$WORK"
+    else
+      skip_stage narrow_a_compare "no bench results for both loads"
+    fi
+  else
+    skip_stage bench_narrow_a "under 60 s left"
+    skip_stage narrow_a_compare "under 60 s left"
+  fi
   if [ "$(left)" -ge 90 ]; then
     run_stage bench_tf32_on 150 "rnn_ext kernel: $KERNEL" env RNN_EXT_CUDA_KERNEL=$KERNEL \
       "${BENCH[@]}" --tf32 on --name "${name}_tf32"
@@ -340,6 +362,8 @@ if [ "${RC[build]}" = 0 ]; then
 else
   skip_stage bench_tf32_off "no build"
   skip_stage issue5_summary "no build"
+  skip_stage bench_narrow_a "no build"
+  skip_stage narrow_a_compare "no build"
   skip_stage bench_tf32_on "no build"
 fi
 

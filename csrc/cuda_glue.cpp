@@ -230,6 +230,13 @@ gpu::PersistentPrefs current_prefs() {
   prefs.allow_tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
                                                           at::Float32Op::MATMUL) ==
                      at::Float32Precision::TF32;
+  // RNN_EXT_CUDA_MMA_NARROW_A=1: the tensor-core variant's A fragments as 4-byte loads in the
+  // mma layout's order (the layout before the 8-byte loads; to measure the two on a GPU)
+  static const bool narrow_a = [] {
+    const char* env = std::getenv("RNN_EXT_CUDA_MMA_NARROW_A");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  prefs.narrow_a_loads = narrow_a;
   return prefs;
 }
 

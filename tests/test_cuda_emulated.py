@@ -71,7 +71,10 @@ class Launch:
     """One emulated launch: named buffers (float64 files, the storage dtype inside) and cells."""
 
     def __init__(self, kind, dtype, mma, T, B, H, relu=False, ld=None):
-        self.head = dict(kind=kind, dtype=dtype, mma=int(mma), T=T, B=B, H=H, relu=int(relu))
+        # mma: False (FMA), True (tensor cores, 8-byte A loads) or "narrow" (tensor cores, the
+        # mma layout's own k order with 4-byte A loads: PersistentPrefs.narrow_a_loads)
+        self.head = dict(kind=kind, dtype=dtype, mma=int(bool(mma)), T=T, B=B, H=H,
+                         relu=int(relu), narrow=int(mma == "narrow"))
         if ld is not None:
             self.head["ld"] = ld
         self.bufs, self.acc, self.cells = {}, set(), []
@@ -137,6 +140,8 @@ FWD_CASES = [
     ("bfloat16", True, 3, 3, 16, False),  # tensor cores
     ("half", True, 3, 17, 32, True),      # two m-tiles, 2 k-tiles (warps 2-7 idle)
     ("float", True, 3, 4, 16, False),     # TF32 (k8): 2 k-tiles
+    ("half", "narrow", 3, 17, 32, True),  # the 4-byte A loads in the layout's order
+    ("float", "narrow", 3, 4, 16, False),
 ]
 
 
@@ -247,6 +252,8 @@ def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared):
     ("bfloat16", True, 3, 3, 16, False, True),
     ("half", False, 2, 4, 16, False, True),
     ("float", True, 3, 2, 16, False, True),   # TF32
+    ("bfloat16", "narrow", 3, 3, 16, False, True),
+    ("float", "narrow", 3, 2, 16, False, True),
 ])
 def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, with_dy):
     D, DH = 2, 2 * H

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["env", "build", "cuda_tests", "persistent_tests", "sanitizer_memcheck",
           "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_tf32_off",
-          "issue5_summary", "bench_tf32_on"]
+          "issue5_summary", "bench_narrow_a", "narrow_a_compare", "bench_tf32_on"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None
                                 or shutil.which("timeout") is None,
@@ -64,10 +64,13 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert summary["meta"]["verdict"].startswith("PASS")
     # every stage that ran has its log in the archive, and its command in it
     for name in STAGES:
-        if name != "issue5_summary":
+        if name not in ("issue5_summary", "narrow_a_compare"):
             assert stages[name]["status"] == "ok", stages[name]
             assert f"DRY RUN stub for stage {name}:" in logs[name]
     assert stages["issue5_summary"]["status"] == "skipped"  # the stubbed bench writes no JSON
+    assert stages["narrow_a_compare"]["status"] == "skipped"
+    assert "RNN_EXT_CUDA_MMA_NARROW_A=1" in logs["bench_narrow_a"]
+    assert "RNN_EXT_CUDA_MMA_NARROW_A" not in logs["bench_tf32_off"]
     assert "gpu_check/cuda_tests.xml" in names and "gpu_check/meta.json" in names
     # the summary file: one line per stage, in order, with the parsed results
     rows = [line.split()[0] for line in text.splitlines()[4:4 + len(STAGES)]]
@@ -101,6 +104,7 @@ def test_hung_persistent_stage_still_yields_results_and_skips_persistent(tmp_pat
         assert "--no-persistent" in logs[f"sanitizer_{tool}"]
         assert "step kernels only" in stages[f"sanitizer_{tool}"]["detail"]
     assert "RNN_EXT_CUDA_KERNEL=step" in logs["bench_tf32_off"]
+    assert stages["bench_narrow_a"]["status"] == "skipped"
     assert "persistent_tests     timeout" in text
 
 
@@ -182,3 +186,25 @@ def test_summary_reads_real_outputs(tmp_path):
     text = (w / "s.txt").read_text()
     assert "per-test timeout in tests/test_cuda_persistent.py::test_d[B8-H1024-bi]" in text
     assert "2 errors in rnn_ext's kernels, 1 warnings; 2 cases (1 persistent), 1 off" in text
+
+
+def test_narrow_a_compare_pairs_rows(tmp_path):
+    """bench/narrow_a_compare.py (run on the GPU after bench_narrow_a): pairs the two runs'
+    rows by point and reports 4-byte / 8-byte per point, their geomean and cuDNN's drift."""
+    def rows(scale_ext, scale_cudnn):
+        return {"rows": [dict(mode=m, dtype="bfloat16", T=512, B=B, I=H, H=H, L=2,
+                              rnn_ext_ms=scale_ext * B * H / 1e4, cudnn_ms=scale_cudnn * H / 100)
+                         for m in ("fwd", "train") for B in (32, 128) for H in (512, 1024)]}
+    (tmp_path / "persistent_fwd.cudnn.json").write_text(json.dumps(rows(1.0, 1.0)))
+    narrow = rows(1.25, 1.1)
+    narrow["rows"] = narrow["rows"][1:]  # a point missing from one run is left out
+    (tmp_path / "persistent_fwd_narrow_a.cudnn.json").write_text(json.dumps(narrow))
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "narrow_a_compare.py"),
+                          str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "narrow_a_compare.json").read_text())
+    assert len(out["rows"]) == 7
+    assert all(abs(r["narrow_over_wide"] - 1.25) < 1e-12 and abs(r["cudnn_drift"] - 1.1) < 1e-12
+               for r in out["rows"])
+    assert abs(out["geomean_narrow_over_wide"] - 1.25) < 1e-12
+    assert "4-byte/8-byte 1.250" in res.stdout

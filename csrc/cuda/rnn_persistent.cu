@@ -19,18 +19,22 @@ using namespace persistent_detail;
 // Host side
 
 // The kernel of a variant, typed (for the launch) and untyped (for the attribute queries).
+// narrow: the tensor-core variant's 4-byte A loads (PersistentPrefs::narrow_a_loads).
 template <typename T>
-auto forward_kernel(bool mma) {
-  return mma ? &persistent_forward_kernel<T, true> : &persistent_forward_kernel<T, false>;
+auto forward_kernel(bool mma, bool narrow) {
+  if (!mma) return &persistent_forward_kernel<T, false>;
+  return narrow ? &persistent_forward_kernel<T, true, true> : &persistent_forward_kernel<T, true>;
 }
 template <typename T>
-auto backward_kernel(bool mma) {
-  return mma ? &persistent_backward_kernel<T, true> : &persistent_backward_kernel<T, false>;
+auto backward_kernel(bool mma, bool narrow) {
+  if (!mma) return &persistent_backward_kernel<T, false>;
+  return narrow ? &persistent_backward_kernel<T, true, true>
+                : &persistent_backward_kernel<T, true>;
 }
 template <typename T>
-const void* kernel_of(bool backward, bool mma) {
-  return backward ? reinterpret_cast<const void*>(backward_kernel<T>(mma))
-                  : reinterpret_cast<const void*>(forward_kernel<T>(mma));
+const void* kernel_of(bool backward, bool mma, bool narrow) {
+  return backward ? reinterpret_cast<const void*>(backward_kernel<T>(mma, narrow))
+                  : reinterpret_cast<const void*>(forward_kernel<T>(mma, narrow));
 }
 
 // Whether the tensor-core variant applies: asked for, a dtype it has (fp32 only as TF32, only
@@ -70,7 +74,7 @@ cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
       plan->mma ? static_cast<int64_t>(kWarps) * kMmaRows * kCols * sizeof(float)
                 : static_cast<int64_t>(kCols) * (K_in + H) * static_cast<int64_t>(sizeof(T)) +
                       kWarps * 32 * static_cast<int64_t>(sizeof(float));
-  const void* kernel = kernel_of<T>(backward, plan->mma);
+  const void* kernel = kernel_of<T>(backward, plan->mma, prefs.narrow_a_loads);
   cudaFuncAttributes fa{};
   if ((err = cudaFuncGetAttributes(&fa, kernel)) != cudaSuccess) return err;
   plan->registers = fa.numRegs;
@@ -158,7 +162,7 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-  return launch(forward_kernel<T>(plan.mma), plan, prm, stream, status);
+  return launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream, status);
 }
 
 template <typename T>
@@ -188,7 +192,8 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B)};
-  return launch(backward_kernel<T>(plan.mma), plan, prm, stream, status);
+  return launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream,
+                status);
 }
 
 template <typename F>

@@ -69,6 +69,10 @@ struct PersistentCell {
 struct PersistentPrefs {
   bool tensor_cores = true;  // mma.sync where it applies (sm_80+, sizes below); else FMA
   bool allow_tf32 = false;   // float32 on tensor cores as TF32 (torch's allow_tf32); else FMA
+  // P3 only: load the A fragments in the mma layout's own k order, one 4-byte load per
+  // register, instead of one 8-byte load per two registers (rnn_persistent_device.cuh; kept
+  // to measure the two against each other)
+  bool narrow_a_loads = false;
 };
 
 struct PersistentForward {

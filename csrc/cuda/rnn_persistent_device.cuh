@@ -260,9 +260,18 @@ struct FmaProduct {
 // k-tiles kt = w, w + 8, w + 16, ... of [x | h] (kK = 16 elements for fp16/bf16, 8 for tf32)
 // and keeps their B fragments -- its part of the weight slice -- in registers for the whole
 // sequence (at most kMaxKTiles per warp).  Per pass (up to 8 m-tiles of 16 rows), a warp loads
-// the A fragments of its k-tiles straight from L2 (__ldcg, 4-byte loads per the fragment
-// layout), accumulates 16x8 fp32 C fragments per m-tile, and writes them to shared memory;
-// then every thread sums the 8 warps' partials of 4 outputs and runs the epilogue.
+// the A fragments of its k-tiles straight from L2 (__ldcg), accumulates 16x8 fp32 C fragments
+// per m-tile, and writes them to shared memory; then every thread sums the 8 warps' partials
+// of 4 outputs and runs the epilogue.
+// A-fragment loads: registers 0 and 2 of a thread hold the same row at k offsets kHalf apart
+// (16 bytes for fp16/bf16 and for tf32), so loading them as the fragment layout places them
+// takes one 4-byte load each, two half-used 32-byte sectors per row.  A dot product does not
+// care which k pairs with which as long as A and B agree: the k-tile is read in the order
+// "thread q's registers 0 and 2 are memory k = 2*kColOf*q .. +2*kColOf-1", one 8-byte load per
+// row (registers 0 and 2 from it), and the B fragments follow the same order at init.
+// kNarrow (PersistentPrefs::narrow_a_loads, RNN_EXT_CUDA_MMA_NARROW_A=1; a kernel of its own)
+// keeps the layout's own order and its 4-byte loads, so the two can be measured against each
+// other on a GPU (bench/NOTES.md).
 // Fragment layouts (PTX ISA, mma.m16n8k16 f16/bf16 and m16n8k8 tf32), g = lane / 4,
 // q = lane % 4:
 //   A (row-major 16 x kK):   16-bit: regs (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
@@ -355,7 +364,25 @@ __device__ __forceinline__ uint32_t frag(const T* p, bool ok, bool cached) {
   }
 }
 
+// Two fragment registers from one 8-byte load at p (both zero when !ok): 16-bit types two
+// elements each (p[0..1], p[2..3]), float (tf32) one each (p[0], p[1]).  p 8-byte aligned.
 template <typename T>
+__device__ __forceinline__ void frag_pair(const T* p, bool ok, uint32_t& lo, uint32_t& hi) {
+  if (!ok) {
+    lo = hi = 0u;
+    return;
+  }
+  const uint2 v = __ldcg(reinterpret_cast<const uint2*>(p));
+  if constexpr (sizeof(T) == 2) {
+    lo = v.x;
+    hi = v.y;
+  } else {
+    lo = to_tf32(__uint_as_float(v.x));
+    hi = to_tf32(__uint_as_float(v.y));
+  }
+}
+
+template <typename T, bool kNarrow>
 struct MmaProduct {
   static constexpr int kK = MmaTraits<T>::kK;
   // 16-bit: a register holds columns (2q, 2q+1) and the second half-tile starts at +8;
@@ -366,6 +393,13 @@ struct MmaProduct {
   float* red;  // kWarps x kMmaRows x kCols
   int K_in, KT, j0, H;
   int warp, g, q;
+
+  // memory k offsets (within a k-tile) of this thread's registers 0 and 2 of A, and of its
+  // registers 0 and 1 of B: the layout's own (kNarrow), or the 8-byte-load order
+  __device__ __forceinline__ int k_lo() const { return kNarrow ? kColOf * q : 2 * kColOf * q; }
+  __device__ __forceinline__ int k_hi() const {
+    return kNarrow ? kColOf * q + kHalf : 2 * kColOf * q + kColOf;
+  }
 
   __device__ __forceinline__ void init(unsigned char* smem, const T* w_in, int64_t k_in,
                                        const T* w_hh, int64_t h, int64_t j0_, int /*wk*/) {
@@ -386,8 +420,8 @@ struct MmaProduct {
       const bool in = k < K_in;
       const T* row = in ? w_in + static_cast<int64_t>(j) * K_in + k
                         : w_hh + static_cast<int64_t>(j) * H + (k - K_in);
-      b[s][0] = frag(row + kColOf * q, live, true);
-      b[s][1] = frag(row + kColOf * q + kHalf, live, true);
+      b[s][0] = frag(row + k_lo(), live, true);
+      b[s][1] = frag(row + k_hi(), live, true);
     }
   }
   __device__ __forceinline__ int rows_per_pass() const { return kMmaRows; }
@@ -423,11 +457,18 @@ struct MmaProduct {
         for (int m = 0; m < kMmaRows / 16; ++m) {
           if (m < mts) {  // block-uniform
             const int64_t ra = pass0 + m * 16 + g, rb = ra + 8;
-            const T* pa = src + (ra < B ? ra : 0) * ld + kColOf * q;
-            const T* pb = src + (rb < B ? rb : 0) * ld + kColOf * q;
-            const uint32_t a[4] = {frag(pa, ra < B, false), frag(pb, rb < B, false),
-                                   frag(pa + kHalf, ra < B, false),
-                                   frag(pb + kHalf, rb < B, false)};
+            const T* pa = src + (ra < B ? ra : 0) * ld + k_lo();
+            const T* pb = src + (rb < B ? rb : 0) * ld + k_lo();
+            uint32_t a[4];
+            if constexpr (kNarrow) {
+              a[0] = frag(pa, ra < B, false);
+              a[1] = frag(pb, rb < B, false);
+              a[2] = frag(pa + kHalf, ra < B, false);
+              a[3] = frag(pb + kHalf, rb < B, false);
+            } else {
+              frag_pair(pa, ra < B, a[0], a[2]);
+              frag_pair(pb, rb < B, a[1], a[3]);
+            }
             MmaTraits<T>::mma(acc[m], a, b[s]);
           }
         }
@@ -457,8 +498,8 @@ struct MmaProduct {
   }
 };
 
-template <typename T, bool kMma>
-using Product = std::conditional_t<kMma, MmaProduct<T>, FmaProduct<T>>;
+template <typename T, bool kMma, bool kNarrowA>
+using Product = std::conditional_t<kMma, MmaProduct<T, kNarrowA>, FmaProduct<T>>;
 
 struct ForwardParams {
   PersistentForward a;
@@ -478,7 +519,8 @@ struct BackwardParams {
 
 // __grid_constant__: the cell table is indexed by a block-dependent value without a copy to
 // local memory (sm_70+).
-template <typename T, bool kMma>
+// kNarrowA: the tensor-core variant with the mma layout's 4-byte A loads (MmaProduct).
+template <typename T, bool kMma, bool kNarrowA = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_forward_kernel(const __grid_constant__ ForwardParams p) {
   unsigned char* const smem = dynamic_smem();
@@ -489,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool project = cell.w_ih != nullptr;
 
   // 1. The block's weight slice into shared memory / registers, once.
-  Product<T, kMma> prod;
+  Product<T, kMma, kNarrowA> prod;
   prod.init(smem, static_cast<const T*>(cell.w_ih), project ? cell.K_in : 0,
             static_cast<const T*>(cell.w_hh), H, j0, p.wk);
   const T* const b_hh = static_cast<const T*>(cell.b_hh);
@@ -532,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, bool kMma>
+template <typename T, bool kMma, bool kNarrowA = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_backward_kernel(const __grid_constant__ BackwardParams p) {
   unsigned char* const smem = dynamic_smem();
@@ -541,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t H = p.a.H, B = p.a.B, steps = p.a.T, ld = p.a.ld;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x - cidx * p.blocks_per_cell) * kCols;
 
-  Product<T, kMma> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
+  Product<T, kMma, kNarrowA> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
   prod.init(smem, nullptr, 0, static_cast<const T*>(cell.wt_hh), H, j0, p.wk);
   __syncthreads();
 

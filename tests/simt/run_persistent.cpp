@@ -60,6 +60,7 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
   }
   const int64_t T_ = std::stoll(kv["T"]), B = std::stoll(kv["B"]), H = std::stoll(kv["H"]);
   const bool relu = kv["relu"] == "1", mma = kv["mma"] == "1";
+  const bool narrow = kv.count("narrow") != 0 && kv["narrow"] == "1";  // narrow_a_loads
   const int bpc = static_cast<int>((H + kCols - 1) / kCols);
   const int64_t all = static_cast<int64_t>(cells.size()) * bpc;
   const unsigned grid = static_cast<unsigned>(
@@ -98,7 +99,9 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
     const size_t smem = mma ? static_cast<size_t>(kWarps) * kMmaRows * kCols * 4
                             : static_cast<size_t>(kCols) * (K_in + H) * sizeof(T) + kWarps * 32 * 4;
     simt::launch(grid, kThreads, smem, [&] {
-      if (mma) {
+      if (mma && narrow) {
+        persistent_forward_kernel<T, true, true>(p);
+      } else if (mma) {
         persistent_forward_kernel<T, true>(p);
       } else {
         persistent_forward_kernel<T, false>(p);
@@ -127,7 +130,9 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
     const size_t smem = mma ? static_cast<size_t>(kWarps) * kMmaRows * kCols * 4
                             : static_cast<size_t>(kCols) * H * sizeof(T) + kWarps * 32 * 4;
     simt::launch(grid, kThreads, smem, [&] {
-      if (mma) {
+      if (mma && narrow) {
+        persistent_backward_kernel<T, true, true>(p);
+      } else if (mma) {
         persistent_backward_kernel<T, true>(p);
       } else {
         persistent_backward_kernel<T, false>(p);
