@@ -858,6 +858,7 @@ std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64
   gpu::PersistentPrefs prefs;
   prefs.tensor_cores = tensor_cores;
   prefs.allow_tf32 = allow_tf32;
+  prefs.narrow_a_loads = current_prefs().narrow_a_loads;  // (the kernel whose registers count)
   gpu::PersistentPlan plan;
   C10_CUDA_CHECK(gpu::persistent_plan(kernel_dtype(dtype), H, static_cast<int>(cells), K_in,
                                       backward, prefs, &plan));

@@ -18,6 +18,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -312,10 +313,21 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T v, int offset) {
   return ::simt::shfl_xor(v, offset);
 }
+// A GPU faults on a load that is not aligned to its size (8 and 16 bytes for the vector
+// types): so does the emulation, instead of reading it as the host would.
 template <typename T>
-inline T __ldcg(const T* p) { return *p; }
+inline const T* simt_aligned_load_ptr(const T* p, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % sizeof(T) != 0) {
+    std::fprintf(stderr, "simt: %s of %zu bytes at a misaligned address %p\n", what, sizeof(T),
+                 static_cast<const void*>(p));
+    std::abort();
+  }
+  return p;
+}
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldcg(const T* p) { return *simt_aligned_load_ptr(p, "__ldcg"); }
+template <typename T>
+inline T __ldg(const T* p) { return *simt_aligned_load_ptr(p, "__ldg"); }
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
