@@ -114,3 +114,24 @@ def test_jvp_bench_smoke(tmp_path):
     (row,) = res["rows"]
     assert set(row["median_ms"]) == {"fwd", "jvp", "jvp_ref", "torch_jvp"}
     assert row["max_abs_diff_vs_torch"] < 1e-4  # the contenders computed the same tangents
+
+
+def test_dp_bench_smoke(tmp_path):
+    """bench/dp.py (DP training step: rnn_ext's per-sample paths against Opacus' DPRNN) runs
+    its quick grid and writes its JSON and plot; the Opacus and vmap paths agree."""
+    pytest.importorskip("opacus")
+    out = tmp_path / "dp"
+    cmd = [sys.executable, os.path.join(REPO, "bench", "dp.py"), "--quick", "--reps", "2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(str(out) + ".json") as f:
+        res = json.load(f)
+    assert res["complete"] and res["config"]["warm"] == 1
+    kinds = {"plain", "ours_ctx", "ours_opacus", "ours_vmap", "dprnn"}
+    assert set(res["config"]["kinds"]) == kinds
+    for row in res["rows"]:
+        assert set(row["ms"]) == kinds and all(v > 0 for v in row["ms"].values())
+        assert row["max_abs_diff_opacus_vs_vmap"] < 1e-5
+    assert set(res["summary"]) == {f"geomean_speedup_vs_dprnn_{k}" for k in kinds - {"dprnn"}}
+    assert os.path.getsize(str(out) + ".png") > 0
