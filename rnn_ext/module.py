@@ -233,10 +233,14 @@ def convert_rnns(module: torch.nn.Module) -> torch.nn.Module:
         out._init_flat_weights()
         out.train(module.training)
         # every kind of hook torch.nn.Module keeps (incl. with_kwargs / always_call flags,
-        # backward pre-hooks, state_dict pre and load_state_dict post hooks)
+        # backward pre-hooks, state_dict pre and load_state_dict post hooks): the same dict
+        # objects, so that a handle returned before the conversion still removes its hook
         for attr, value in vars(module).items():
             if "hook" in attr and isinstance(value, dict):
-                getattr(out, attr).update(value)
+                own = getattr(out, attr)
+                if own:  # (a fresh rnn_ext.RNN has none; kept after the module's own)
+                    value.update({k: v for k, v in own.items() if k not in value})
+                setattr(out, attr, value)
             elif "hook" in attr:
                 setattr(out, attr, value)  # _is_full_backward_hook
         if hasattr(module, "qconfig"):

@@ -421,6 +421,34 @@ def test_overridden_check_forward_args_is_called():
         assert str(got.value) == str(want.value)
 
 
+def test_convert_rnns_hook_handles_still_remove():
+    """A handle returned by a registration on the torch.nn.RNN before convert_rnns removes the
+    hook from the replacement, as it would have from the original (every kind of handle:
+    forward with kwargs and always_call keep extra dicts)."""
+    calls = []
+    rnn = torch.nn.RNN(3, 4)
+    handles = [
+        rnn.register_forward_pre_hook(lambda m, args: calls.append("pre")),
+        rnn.register_forward_hook(lambda m, args, kwargs, out: calls.append("fwd_kw"),
+                                  with_kwargs=True),
+        rnn.register_forward_hook(lambda m, args, out: calls.append("always"), always_call=True),
+        rnn.register_full_backward_hook(lambda m, gin, gout: calls.append("bwd")),
+        rnn.register_state_dict_post_hook(lambda m, sd, prefix, local: calls.append("sd")),
+    ]
+    ext = rnn_ext.convert_rnns(rnn)
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    ext(x)[0].sum().backward()
+    ext.state_dict()
+    assert sorted(calls) == ["always", "bwd", "fwd_kw", "pre", "sd"]
+    for h in handles:
+        h.remove()
+    calls.clear()
+    ext(x)[0].sum().backward()
+    ext.state_dict()
+    assert calls == []
+    assert not ext._forward_hooks_with_kwargs and not ext._forward_hooks_always_called
+
+
 def test_convert_rnns_keeps_every_hook():
     """Hooks registered on the torch.nn.RNN before conversion run on the replacement, with the
     same arguments: forward pre/post hooks (with and without kwargs, always_call), module
