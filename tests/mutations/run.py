@@ -52,8 +52,14 @@ MUTATIONS = {
         "csrc/cuda/warp_reduce.cuh: the last butterfly step is dropped",
         ["tests/test_cuda_emulated.py", "-k", "float64 or double"]),
     "m7_convert_rnns_drops_hooks": (
-        "convert_rnns no longer copies the module's hooks",
+        "convert_rnns no longer hands the module's hook dicts to the replacement",
         ["tests/test_module.py", "-k", "convert"]),
+    "m8_opacus_handover_replaces_buffer": (
+        "Opacus: a per-sample tensor replaces the accumulation buffer Opacus already holds",
+        ["tests/test_per_sample.py", "-k", "opacus"]),
+    "k8_per_sample_sums_left_scaled": (
+        "per-sample op: the summed gradients keep the per-sample scale",
+        ["tests/test_per_sample.py"]),
     "k1_step_kernel_tile_edge": (
         "step kernel: the last column of a partial 16-column block misses its projection",
         ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
