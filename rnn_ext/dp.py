@@ -139,8 +139,9 @@ def _opacus_per_sample(module, batch, unsorted_indices):
         grads = _in_caller_order(grads, unsorted_indices)
         stash = module.__dict__.setdefault("_rnn_ext_grad_samples", [])
         for i, hook in enumerate(live):
-            # the kernel applied the first hook's scale (grad_scale below); another hook (two
-            # GradSampleModules on one model) gets its own copy, scaled here
+            # the kernel applied the first hook's scale (grad_scale below); another live hook
+            # (not reachable through GradSampleModule, which refuses a second one on a model)
+            # would get its own copy, scaled here
             todo = _opacus_scale(module, hook) / _opacus_scale(module, live[0])
             stash.append(grads if i == 0 else [g * todo for g in grads])
             # Opacus reads grad_output[0] only to scale and permute it (our grad sampler
