@@ -4,11 +4,11 @@ rnn_ext's own plain training step.
 
 Model: RNN (batch_first) -> linear head on the last step -> cross-entropy, (T, B, I, H, L).
 Timed per training step (forward + backward, per-sample gradients of every parameter where
-asked; no optimizer step), medians over interleaved repetitions in one process; in each
-repetition every contender runs --warm untimed steps right before its timed one, so that a step
-is timed in the cache and allocator state its own previous step left, as in a training loop
-(back to back after another contender's step, rnn_ext's small steps measured up to 1.5x slower:
-DPRNN's thousands of small tensors evict its weights and buffers):
+asked; no optimizer step), medians in one process over rounds that interleave the contenders
+(drift cancels): in each round every contender runs --warm untimed steps, then --block timed
+ones, so that a step is timed in the cache and allocator state its own previous step left, as in
+a training loop (right after another contender's step, rnn_ext's ~1 ms steps measured up to 1.5x
+slower, and by how much depended on which contender came before):
 
   plain       rnn_ext.RNN, loss.backward() (no per-sample gradients)
   ours_ctx    rnn_ext.RNN under rnn_ext.per_sample_gradients (the RNN's grad_sample only)
@@ -145,8 +145,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--warm", type=int, default=1,
-                    help="untimed steps of a contender right before each of its timed steps")
+    ap.add_argument("--warm", type=int, default=2,
+                    help="untimed steps of a contender at the start of each of its blocks")
+    ap.add_argument("--block", type=int, default=5,
+                    help="timed steps of a contender per round (after its --warm steps)")
     ap.add_argument("--kinds", default="plain,ours_ctx,ours_opacus,ours_vmap,dprnn")
     ap.add_argument("--out", default=os.path.join(
         REPO, "bench", "results", f"dp-{datetime.date.today().isoformat()}"))
@@ -172,7 +174,8 @@ def main():
                     summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
                         sum(map(math.log, s)) / len(s))
         res.update(
-            config=dict(threads=args.threads, reps=args.reps, warm=args.warm, kinds=kinds,
+            config=dict(threads=args.threads, reps=args.reps, warm=args.warm, block=args.block,
+                        kinds=kinds,
                         command=" ".join(sys.argv)),
             machine=dict(platform=platform.platform(), processor=platform.processor(),
                          cpus=os.cpu_count(), torch=torch.__version__,
@@ -191,13 +194,14 @@ def main():
             steps[k]()
         reps = max(3, args.reps // (4 if T * B * H >= 100 * 64 * 256 else 1))
         times = {k: [] for k in kinds}
-        for _ in range(reps):  # interleaved
+        for _ in range(reps):  # rounds, the contenders interleaved block by block
             for k in kinds:
                 for _ in range(args.warm):
                     steps[k]()
-                t0 = time.perf_counter()
-                steps[k]()
-                times[k].append(time.perf_counter() - t0)
+                for _ in range(args.block):
+                    t0 = time.perf_counter()
+                    steps[k]()
+                    times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         row = dict(T=T, B=B, I=I, H=H, L=L, reps=reps, ms=med,
                    max_abs_diff_opacus_vs_vmap=check_same(T, min(B, 8), I, H, L))

@@ -127,7 +127,7 @@ def test_dp_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(str(out) + ".json") as f:
         res = json.load(f)
-    assert res["complete"] and res["config"]["warm"] == 1
+    assert res["complete"] and res["config"]["warm"] == 2 and res["config"]["block"] == 5
     kinds = {"plain", "ours_ctx", "ours_opacus", "ours_vmap", "dprnn"}
     assert set(res["config"]["kinds"]) == kinds
     for row in res["rows"]:
