@@ -169,17 +169,6 @@ void check_per_sample_scale(double scale) {
               "rnn_ext: per-sample gradients: scale must be finite and nonzero, got ", scale);
 }
 
-std::vector<at::Tensor> summed_from_groups(const std::vector<at::Tensor>& per_group,
-                                           double scale) {
-  std::vector<at::Tensor> out;
-  out.reserve(per_group.size());
-  for (const auto& g : per_group) {
-    at::Tensor s = g.sum(0);
-    out.push_back(scale == 1.0 ? s : s.div_(scale));
-  }
-  return out;
-}
-
 void check_jvp_args(const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
                     const std::optional<at::Tensor>& input_t,
                     const std::optional<at::Tensor>& hx_t,

@@ -828,9 +828,12 @@ PerSampleResult rnn_backward_per_sample_cuda(
       backward_cuda(input, hx, weights, batch_sizes, output, workspace, noise, grad_output,
                     grad_hy, has_biases, num_layers, bidirectional, relu,
                     {output_mask[0], output_mask[1], true}, groups);
-  // the summed gradients first (unscaled), then the per-group ones scaled in place
-  std::vector<at::Tensor> summed =
-      output_mask[2] ? summed_from_groups(gw, 1.0) : std::vector<at::Tensor>{};
+  // the summed gradients first (sums over the groups, unscaled), then the per-group ones
+  // scaled in place
+  std::vector<at::Tensor> summed;
+  if (output_mask[2]) {
+    for (const auto& t : gw) summed.push_back(t.sum(0));
+  }
   if (scale != 1.0) {
     for (auto& t : gw) t.mul_(scale);
   }

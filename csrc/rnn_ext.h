@@ -93,11 +93,6 @@ PerSampleResult rnn_backward_per_sample_cpu(
     bool has_biases, int64_t num_layers, bool bidirectional, bool relu,
     std::array<bool, 3> output_mask, int64_t groups, double scale);
 
-// The summed weight gradients from per-group ones (B, *w) scaled by `scale`: sum over the
-// groups, divided by scale (the CUDA glue's; the CPU kernel sums while it forms them).
-std::vector<at::Tensor> summed_from_groups(const std::vector<at::Tensor>& per_group,
-                                           double scale);
-
 // groups must be >= 0 and divide the batch (0 only for an empty batch).
 void check_groups(const Geometry& g, int64_t groups);
 // scale must be finite and nonzero (the summed gradients are divided by it).

@@ -156,6 +156,35 @@ def test_unbatched_and_outside_the_block():
     assert ext._per_sample is None
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_empty_batch(bias):
+    """An empty batch: per-sample gradients (0, *w), and .grad / the op's summed gradients
+    zero, as torch.nn.RNN's gradients are for an empty batch."""
+    torch.manual_seed(3)
+    tm = torch.nn.RNN(I, H, num_layers=2, bias=bias)
+    m = rnn_ext.convert_rnns(torch.nn.RNN(I, H, num_layers=2, bias=bias))
+    x = torch.randn(T, 0, I)
+    for mod in (tm, m):
+        ctx = rnn_ext.per_sample_gradients(mod) if mod is m else torch.enable_grad()
+        with ctx:
+            out, hn = mod(x)
+            (out.sum() + hn.sum()).backward()
+    for (n, p), tp in zip(m.named_parameters(), tm.parameters()):
+        assert p.grad_sample.shape == (0, *p.shape), n
+        torch.testing.assert_close(p.grad, tp.grad, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(p.grad, torch.zeros_like(p), rtol=0, atol=0, msg=n)
+    w = list(m._flat_weights)
+    h0 = torch.zeros(2, 0, H)
+    out, hy, ws, noise = rnn_ext.ops.rnn_forward(x, h0, w, None, bias, 2, False, False, 0.0,
+                                                 False, True)
+    _, _, gw, summed = rnn_ext.ops.rnn_backward_per_sample(
+        x, h0, w, None, out, ws, noise, torch.ones_like(out), None, bias, 2, False, False,
+        [False, False, True], 0, 3.0)
+    for g, s, wi in zip(gw, summed, w):
+        assert g.shape == (0, *wi.shape)
+        torch.testing.assert_close(s, torch.zeros_like(wi), rtol=0, atol=0)
+
+
 def test_errors():
     _, ext = make_pair(I, H, num_layers=2)
     with pytest.raises(ValueError, match="contains no rnn_ext.RNN"):

@@ -571,25 +571,19 @@ void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
 // offset[t] + r), dz^T x (W_ih), dz^T h_prev (W_hh) and dz (biases): only its own rows, never
 // another sample's steps or padding.  dz: (N, *) rows with stride ld_dz; x: (N, in_size)
 // contiguous; prev: (N, H) contiguous.  Writes the k-th (H, in_size), (H, H), (H) blocks of
-// gw_ih, gw_hh, gb (gb may be null), each times `scale`.  sums (may be null): the summed
-// gradients [W_ih (H, in_size), W_hh (H, H), bias (H) if gb] (unscaled), formed from each
-// group's blocks while they are in cache: each thread's chunk of groups accumulates its own
-// partial sums, added in chunk order at the end (the same result for the same thread count).
-// Groups run in parallel on torch's threads.
+// gw_ih, gw_hh, gb (the bias block when g.has_biases), each times `scale`.  sums (may be
+// null): the summed gradients [W_ih (H, in_size), W_hh (H, H), bias (H) when g.has_biases]
+// (unscaled; zero for an empty batch), formed from each group's blocks while they are in
+// cache: each thread's chunk of groups accumulates its own partial sums, added in chunk order
+// at the end (the same result for the same thread count).  Groups run in parallel on torch's
+// threads.
 template <typename T>
 void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t ld_dz,
                         const T* x, int64_t in_size, const T* prev, T* gw_ih, T* gw_hh, T* gb,
                         T scale, const std::array<T*, 3>* sums) {
-  if (groups == 0) {  // (an empty batch)
-    if (sums != nullptr) {
-      std::fill_n((*sums)[0], g.H * in_size, T(0));
-      std::fill_n((*sums)[1], g.H * g.H, T(0));
-      if (gb != nullptr) std::fill_n((*sums)[2], g.H, T(0));
-    }
-    return;
-  }
-  const int64_t H = g.H, gs = g.B / groups;
-  const int64_t n_ih = H * in_size, n_hh = H * H, n_b = gb != nullptr ? H : 0;
+  // (groups == 0: an empty batch, no group to form; the sums below come out zero)
+  const int64_t H = g.H, gs = groups > 0 ? g.B / groups : 0;
+  const int64_t n_ih = H * in_size, n_hh = H * H, n_b = g.has_biases ? H : 0;
   const int64_t n_all = n_ih + n_hh + n_b;
   // Dense input, one sample per group: sample k's rows are k, k + B, k + 2B, ...: one strided
   // product per weight, nothing copied.
@@ -630,7 +624,7 @@ void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t 
       }
       gemm<T>(true, false, H, in_size, K, scale, z, ldz, xs, ldx, T(0), o_ih, in_size);
       gemm<T>(true, false, H, H, K, scale, z, ldz, ps, ldp, T(0), o_hh, H);
-      T* o_b = gb != nullptr ? gb + k * H : nullptr;
+      T* o_b = g.has_biases ? gb + k * H : nullptr;
       if (o_b != nullptr) {
         column_sums<T>(z, K, H, ldz, o_b);
         if (scale != T(1)) {
