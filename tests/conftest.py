@@ -288,6 +288,18 @@ DIST_MODEL = textwrap.dedent(
         x = torch.randn(8, 5, 3, generator=g, dtype=torch.float64)
         y = torch.randn(8, 5, generator=g, dtype=torch.float64)
         return x, y
+
+    def train(model, steps, rank=0, world=1):
+        # SGD+momentum; rank `rank` of `world` trains on its slice of every batch
+        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+        for step in range(steps):
+            x, y = data(step)
+            per = x.shape[0] // world
+            pred, _ = model(x[rank * per:(rank + 1) * per])
+            loss = ((pred - y[rank * per:(rank + 1) * per]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     """
 )
 
@@ -335,12 +347,5 @@ def train_dist_model_single_process(steps):
     exec(DIST_MODEL, ns)
     model = ns["Model"](torch.nn.RNN)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    for step in range(steps):
-        x, y = ns["data"](step)
-        pred, _ = model(x)
-        loss = ((pred - y) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ns["train"](model, steps)
     return init, model.state_dict()

@@ -371,16 +371,7 @@ _FSDP_WORKER = DIST_MODEL + textwrap.dedent(
     fully_shard(model.rnn)
     fully_shard(model)
     assert isinstance(model.rnn, rnn_ext.RNN)
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    for step in range(STEPS):
-        x, y = data(step)
-        per = x.shape[0] // world
-        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        pred, h_n = model(xs)
-        loss = ((pred - ys) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(model, STEPS, rank, world)
     state = {k: v.full_tensor().detach() for k, v in model.state_dict().items()}
     torch.save(state, out_path)
     dist.barrier()

@@ -464,16 +464,7 @@ _DDP_WORKER = DIST_MODEL + textwrap.dedent(
     rank, world, out_path = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = DDP(Model(rnn_ext.RNN))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
-    for step in range(STEPS):
-        x, y = data(step)
-        per = x.shape[0] // world
-        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-        pred, h_n = model(xs)
-        loss = ((pred - ys) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train(model, STEPS, rank, world)
     torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, out_path)
     dist.barrier()
     dist.destroy_process_group()
