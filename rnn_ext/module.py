@@ -237,10 +237,7 @@ def convert_rnns(module: torch.nn.Module) -> torch.nn.Module:
         # objects, so that a handle returned before the conversion still removes its hook
         for attr, value in vars(module).items():
             if "hook" in attr and isinstance(value, dict):
-                own = getattr(out, attr)
-                if own:  # (a fresh rnn_ext.RNN has none; kept after the module's own)
-                    value.update({k: v for k, v in own.items() if k not in value})
-                setattr(out, attr, value)
+                setattr(out, attr, value)  # (a fresh rnn_ext.RNN has no hooks of its own)
             elif "hook" in attr:
                 setattr(out, attr, value)  # _is_full_backward_hook
         if hasattr(module, "qconfig"):

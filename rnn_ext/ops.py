@@ -115,6 +115,8 @@ def _rnn_backward_per_sample_fake(
     grad_weights = [w.new_empty((groups, *w.shape)) for w in weights]
     summed = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights, summed
+
+
 @torch.library.register_fake("rnn_ext::rnn_jvp")
 def _rnn_jvp_fake(
     input, hx, weights, batch_sizes, output, workspace, noise, input_t, hx_t, weights_t,
