@@ -4,7 +4,9 @@
 // csrc/python.cpp; torch.compile and export trace the ops themselves, with the autograd
 // registered for them in Python (rnn_ext/ops.py).  Both backwards call the same rnn_backward op;
 // a double backward (create_graph=True) goes to the Python function installed with
-// set_differentiable_backward(), which differentiates rnn_ext.reference.
+// set_differentiable_backward(), which differentiates rnn_ext.reference.  With a per-sample
+// sink (DP training) the backward runs rnn_backward_per_sample instead and hands the sink each
+// batch row's weight gradients.
 #include "autograd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -42,6 +44,25 @@ const auto& backward_op() {
   return op;
 }
 
+const auto& per_sample_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("rnn_ext::rnn_backward_per_sample", "")
+          .typed<PerSampleResult(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, bool, int64_t, bool, bool,
+                                 std::array<bool, 3>, int64_t, double)>();
+  return op;
+}
+
+// The per-sample sink of a node, kept in its saved_data (an IValue capsule).
+struct SinkHolder : torch::CustomClassHolder {
+  explicit SinkHolder(std::shared_ptr<PerSampleSink> s) : sink(std::move(s)) {}
+  std::shared_ptr<PerSampleSink> sink;
+};
+
 DifferentiableBackward& differentiable_backward() {
   static DifferentiableBackward fn;
   return fn;
@@ -64,7 +85,8 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction> {
                                const at::Tensor& hx, at::TensorList weights,
                                const std::optional<at::Tensor>& batch_sizes, bool has_biases,
                                int64_t num_layers, bool bidirectional, bool relu,
-                               double dropout, bool train) {
+                               double dropout, bool train,
+                               std::shared_ptr<PerSampleSink> per_sample) {
     at::Tensor out, hy, ws, noise;
     {
       // below the autograd keys: the op's own (Python) autograd registration is for
@@ -80,18 +102,24 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction> {
     ctx->save_for_backward(std::move(saved));
     ctx->saved_data["config"] = c10::List<int64_t>(
         {int64_t{has_biases}, num_layers, int64_t{bidirectional}, int64_t{relu}});
+    if (per_sample) {
+      ctx->saved_data["per_sample"] =
+          at::IValue::make_capsule(c10::make_intrusive<SinkHolder>(std::move(per_sample)));
+    }
     return {out, hy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const size_t nw = saved.size() - kFirstWeight;
-    // Gradients for every forward argument: input, hx, each weight, batch_sizes and the six
-    // non-tensor arguments (undefined where there is none).
-    variable_list result(nw + 9);
+    // Gradients for every forward argument: input, hx, each weight, batch_sizes, the six
+    // non-tensor arguments and the sink (undefined where there is none).
+    variable_list result(nw + 10);
     const at::Tensor& grad_output = grads[0];
     const at::Tensor& grad_hy = grads[1];
-    if (!grad_output.defined() && !grad_hy.defined()) return result;
+    const auto sink_it = ctx->saved_data.find("per_sample");
+    const bool per_sample = sink_it != ctx->saved_data.end();
+    if (!grad_output.defined() && !grad_hy.defined() && !per_sample) return result;
 
     const auto config = ctx->saved_data["config"].toIntList();
     const bool has_biases = config[0] != 0, bidirectional = config[2] != 0,
@@ -105,7 +133,23 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction> {
 
     at::Tensor grad_input, grad_hx;
     std::vector<at::Tensor> grad_w;
-    if (at::GradMode::is_enabled()) {  // create_graph: gradients that are differentiable
+    if (per_sample) {
+      TORCH_CHECK(!at::GradMode::is_enabled(),
+                  "rnn_ext: the backward that forms per-sample gradients "
+                  "(rnn_ext.per_sample_gradients, Opacus) cannot be differentiated: "
+                  "backward(create_graph=True) is not supported there");
+      const auto& sink =
+          c10::static_intrusive_pointer_cast<SinkHolder>(sink_it->second.toCapsule())->sink;
+      double scale = sink->scale ? sink->scale() : 1.0;
+      if (scale == 0) scale = 1.0;  // (Opacus' factor for an empty batch)
+      const at::TensorList weights(saved.data() + kFirstWeight, nw);
+      std::vector<at::Tensor> per_row;
+      std::tie(grad_input, grad_hx, per_row, grad_w) = per_sample_op().call(
+          saved[0], saved[1], weights, opt(saved[2]), saved[3], saved[4], saved[5],
+          opt(grad_output), opt(grad_hy), has_biases, num_layers, bidirectional, relu,
+          {need_input, need_hx, true}, saved[1].size(1), scale);
+      sink->take(std::move(per_row));
+    } else if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
       TORCH_CHECK(differentiable_backward(),
                   "rnn_ext: no differentiable backward installed (import rnn_ext)");
       std::tie(grad_input, grad_hx, grad_w) = differentiable_backward()(
@@ -135,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const at::Tensor
                                        at::TensorList weights,
                                        const std::optional<at::Tensor>& batch_sizes,
                                        bool has_biases, int64_t num_layers, bool bidirectional,
-                                       bool relu, double dropout, bool train) {
+                                       bool relu, double dropout, bool train,
+                                       std::shared_ptr<PerSampleSink> per_sample) {
   bool need_grad = false;
   if (at::GradMode::is_enabled()) {
     need_grad = input.requires_grad() || hx.requires_grad();
@@ -143,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const at::Tensor
   }
   if (need_grad) {
     variable_list out = RNNFunction::apply(input, hx, weights, batch_sizes, has_biases,
-                                           num_layers, bidirectional, relu, dropout, train);
+                                           num_layers, bidirectional, relu, dropout, train,
+                                           std::move(per_sample));
     return {out[0], out[1]};
   }
   at::AutoDispatchBelowADInplaceOrView below;

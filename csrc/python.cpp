@@ -9,6 +9,9 @@
 #include <torch/csrc/utils/object_ptr.h>
 #include <pybind11/pybind11.h>
 
+#include <memory>
+#include <utility>
+
 #include "autograd.h"
 
 namespace rnn_ext {
@@ -35,13 +38,68 @@ PyObject* wrap_or_none(const at::Tensor& t) {
   return THPVariable_Wrap(t);
 }
 
+// A Python object owned from C++: released with the GIL held (autograd may free its node on
+// another thread), not at all once the interpreter is gone.
+std::shared_ptr<PyObject> own(PyObject* obj) {
+  Py_INCREF(obj);
+  return std::shared_ptr<PyObject>(obj, [](PyObject* o) {
+    if (Py_IsInitialized()) {
+      pybind11::gil_scoped_acquire gil;
+      Py_DECREF(o);
+    }
+  });
+}
+
+// Calls fn(args...) with the GIL held; a Python exception becomes a C++ python_error.
+template <typename... Args>
+pybind11::object call_python(PyObject* fn, Args&&... args) {
+  try {
+    return pybind11::reinterpret_borrow<pybind11::object>(fn)(std::forward<Args>(args)...);
+  } catch (pybind11::error_already_set& e) {
+    e.restore();
+    throw python_error();
+  }
+}
+
+// The per-sample sink of rnn_ext.dp: a callable taking the list of per-sample gradients, with
+// an optional grad_scale() (the factor they are wanted times).
+std::shared_ptr<PerSampleSink> sink_arg(PyObject* obj) {
+  if (obj == Py_None) return nullptr;
+  if (!PyCallable_Check(obj)) {
+    throw torch::TypeError(c10::str("rnn_ext._C.rnn: per_sample must be callable or None, not ",
+                                    Py_TYPE(obj)->tp_name));
+  }
+  auto fn = own(obj);
+  auto sink = std::make_shared<PerSampleSink>();
+  sink->scale = [fn]() {
+    pybind11::gil_scoped_acquire gil;
+    THPObjectPtr scale_fn(PyObject_GetAttrString(fn.get(), "grad_scale"));
+    if (!scale_fn) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw python_error();
+      PyErr_Clear();
+      return 1.0;
+    }
+    THPObjectPtr scale(PyObject_CallNoArgs(scale_fn.get()));
+    const double value = scale ? PyFloat_AsDouble(scale.get()) : -1.0;
+    if (!scale || (value == -1.0 && PyErr_Occurred())) throw python_error();
+    return value;
+  };
+  sink->take = [fn](std::vector<at::Tensor> grads) {
+    pybind11::gil_scoped_acquire gil;
+    pybind11::list list;
+    for (auto& g : grads) list.append(pybind11::reinterpret_steal<pybind11::object>(wrap_or_none(g)));
+    call_python(fn.get(), list);
+  };
+  return sink;
+}
+
 // rnn(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, dropout,
-//     train) -> (output, h_n)
+//     train[, per_sample]) -> (output, h_n)
 PyObject* py_rnn(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 10) {
+  if (nargs != 10 && nargs != 11) {
     throw torch::TypeError(
-        c10::str("rnn_ext._C.rnn takes 10 positional arguments (", nargs, " given)"));
+        c10::str("rnn_ext._C.rnn takes 10 or 11 positional arguments (", nargs, " given)"));
   }
   const at::Tensor& input = tensor_arg(args[0], "input");
   const at::Tensor& hx = tensor_arg(args[1], "hx");
@@ -64,12 +122,13 @@ PyObject* py_rnn(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   const double dropout = PyFloat_AsDouble(args[8]);
   if (dropout == -1.0 && PyErr_Occurred()) return nullptr;
   const bool train = bool_arg(args[9], "train");
+  auto per_sample = sink_arg(nargs == 11 ? args[10] : Py_None);
 
   at::Tensor out, hy;
   {
     pybind11::gil_scoped_release no_gil;
     std::tie(out, hy) = rnn(input, hx, weights, batch_sizes, has_biases, num_layers,
-                            bidirectional, relu, dropout, train);
+                            bidirectional, relu, dropout, train, std::move(per_sample));
   }
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) return nullptr;
@@ -93,17 +152,12 @@ BackwardResult call_differentiable_backward(const std::vector<at::Tensor>& saved
   for (const auto& t : saved) saved_list.append(py::reinterpret_steal<py::object>(wrap_or_none(t)));
   py::list need_w_list;
   for (bool n : need_w) need_w_list.append(py::bool_(n));
-  py::object got;
-  try {
-    got = py::reinterpret_borrow<py::object>(g_differentiable_backward)(
-        saved_list, py::make_tuple(c.has_biases, c.num_layers, c.bidirectional, c.relu),
-        py::make_tuple(need_input, need_hx, need_w_list),
-        py::reinterpret_steal<py::object>(wrap_or_none(grad_output)),
-        py::reinterpret_steal<py::object>(wrap_or_none(grad_hy)));
-  } catch (py::error_already_set& e) {
-    e.restore();
-    throw python_error();
-  }
+  const py::object got = call_python(
+      g_differentiable_backward, saved_list,
+      py::make_tuple(c.has_biases, c.num_layers, c.bidirectional, c.relu),
+      py::make_tuple(need_input, need_hx, need_w_list),
+      py::reinterpret_steal<py::object>(wrap_or_none(grad_output)),
+      py::reinterpret_steal<py::object>(wrap_or_none(grad_hy)));
   auto as_tensor = [](const py::handle& h) {
     return h.is_none() ? at::Tensor() : THPVariable_Unpack(h.ptr());
   };
@@ -130,8 +184,8 @@ PyMethodDef methods[] = {
     {"rnn", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_rnn)),
      METH_FASTCALL,
      "rnn(input, hx, weights, batch_sizes, has_biases, num_layers, bidirectional, relu, "
-     "dropout, train) -> (output, h_n): the whole stack, with one autograd node when a "
-     "gradient is needed (see rnn_ext.ops.rnn)"},
+     "dropout, train[, per_sample]) -> (output, h_n): the whole stack, with one autograd node "
+     "when a gradient is needed (see rnn_ext.ops.rnn)"},
     {"set_differentiable_backward", &py_set_differentiable_backward, METH_O,
      "installs the Python function that computes the create_graph=True backward"},
     {nullptr, nullptr, 0, nullptr}};

@@ -13,7 +13,8 @@
   (rnn_ext/ops.py, _FuncRNN and _FuncRNNBackward).
 
 All of them run one BPTT for the batch and form each row's weight gradients with the
-per-sample kernel (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU, and CUDA through batched cuBLAS
+per-sample kernel (the first two through the eager C++ autograd node, csrc/autograd.cpp, given
+the function that takes them: a "sink" below) (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU, and CUDA through batched cuBLAS
 GEMMs, the latter run only under the CPU emulation so far).
 """
 from __future__ import annotations

@@ -515,41 +515,6 @@ def _func_vjp_backward(saved, config, needs, grad_output, grad_hy):
             [g if nd else None for g, nd in zip(gw, needs[2])])
 
 
-class _PerSampleRNN(torch.autograd.Function):
-    """ops.rnn's door when per-sample gradients are asked for (rnn_ext.per_sample_gradients,
-    Opacus): the backward runs the BPTT once, forms every batch row's weight gradients with
-    the per-sample kernel, hands them to `sink` (a list per weight, (B, *shape) each, in the
-    op's row order), and returns their sums as the weights' gradients."""
-
-    @staticmethod
-    def forward(ctx, input, hx, batch_sizes, config, sink, *weights):
-        has_biases, num_layers, bidirectional, relu, dropout, train = config
-        # (below autograd: this Function is the autograd; skips torch.library's Python door)
-        with torch._C._AutoDispatchBelowAutograd():
-            out, hy, ws, noise = rnn_forward(input, hx, list(weights), batch_sizes, has_biases,
-                                             num_layers, bidirectional, relu, dropout, train,
-                                             True)
-        ctx.save_for_backward(input, hx, out, ws, noise, *weights)
-        ctx.batch_sizes, ctx.config, ctx.sink = batch_sizes, config[:4], sink
-        return out, hy
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, grad_hy):
-        input, hx, out, ws, noise, *weights = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        # the sink may want its per-sample gradients scaled (Opacus undoes a mean loss's 1/B):
-        # the kernel scales them as it forms them; the summed gradients come out unscaled
-        scale = float(getattr(ctx.sink, "grad_scale", lambda: 1.0)()) or 1.0
-        with torch._C._AutoDispatchBelowAutograd():
-            gi, ghx, gw, summed = rnn_backward_per_sample(
-                input, hx, weights, ctx.batch_sizes, out, ws, noise, grad_output, grad_hy,
-                *ctx.config, [bool(n[0]), bool(n[1]), True], hx.shape[1], scale)
-        ctx.sink(gw)  # (the sink owns gw)
-        return (gi if n[0] else None, ghx if n[1] else None, None, None, None,
-                *[g if nd else None for g, nd in zip(summed, n[5:])])
-
-
 def _reference_tangents(saved, config, input_t, hx_t, weights_t):
     """(output tangent, h_n tangent) by differentiating rnn_ext.reference in forward mode
     (torch.func.jvp) with the same batch sizes and dropout noise: the path where the fused
@@ -627,13 +592,19 @@ def rnn(
     per_sample: None, or a function the backward hands each batch row's weight gradients to
     (a list with one (B, *weight.shape) tensor per weight, rows in the op's order)."""
     dropout = float(dropout)
+    transformed = (torch._C._are_functorch_transforms_active()
+                   or _forward_ad._current_level >= 0) and not torch.compiler.is_compiling()
     if per_sample is not None and torch.is_grad_enabled():
-        # per-sample gradients asked for (eager): one BPTT for them and the summed gradients
-        config = (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout,
-                  bool(train))
-        return _PerSampleRNN.apply(input, hx, batch_sizes, config, per_sample, *weights)
-    if (torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0) \
-            and not torch.compiler.is_compiling():
+        # per-sample gradients asked for (eager): the C++ node below, whose backward runs the
+        # BPTT once for them and the summed gradients, and hands them to per_sample
+        if transformed:
+            raise RuntimeError(
+                "rnn_ext: per-sample gradients (rnn_ext.per_sample_gradients, Opacus' hooks) "
+                "cannot be formed under torch.func transforms or forward-mode AD; for "
+                "per-sample gradients with torch.func, use vmap(grad(...)) on its own")
+        return _C.rnn(input, hx, weights, batch_sizes, bool(has_biases), num_layers,
+                      bool(bidirectional), bool(relu), dropout, bool(train), per_sample)
+    if transformed:
         # under torch.func transforms, or inside a torch.autograd.forward_ad.dual_level (the
         # C++ node of the eager path has no jvp): the op through _FuncRNN (same autograd, with
         # the setup_context functorch requires, and a jvp)

@@ -214,6 +214,46 @@ def test_errors():
         torch.testing.assert_close(d, e)
 
 
+def test_per_sample_backward_errors():
+    """The per-sample backward (the C++ node with a sink): no create_graph, not under torch.func
+    or forward AD (it would drop the per-sample gradients), and an exception raised by the sink
+    (e.g. Opacus refusing) reaches the caller of backward() as itself."""
+    _, ext = make_pair(I, H, num_layers=2)
+    x = torch.randn(T, B, I, requires_grad=True)
+    with rnn_ext.per_sample_gradients(ext):
+        out, hn = ext(x)
+        with pytest.raises(RuntimeError, match="cannot be differentiated: backward.create_graph"):
+            torch.autograd.grad(out.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="cannot be formed under torch.func"):
+            torch.func.grad(lambda x: ext(x)[0].sum())(x.detach())
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
+            with pytest.raises(RuntimeError, match="cannot be formed under torch.func"):
+                ext(dual)
+    assert all(getattr(p, "grad_sample", None) is None for p in ext.parameters())
+
+    class Refused(Exception):
+        pass
+
+    def sink(grads):
+        raise Refused(len(grads))
+
+    sink.grad_scale = lambda: 2.0
+    w = list(ext._flat_weights)
+    out, _ = rnn_ext.ops.rnn(x, torch.zeros(2, B, H), w, None, has_biases=True, num_layers=2,
+                             bidirectional=False, relu=False, per_sample=sink)
+    with pytest.raises(Refused, match="8"):
+        out.sum().backward()
+    sink.grad_scale = lambda: "two"
+    out, _ = rnn_ext.ops.rnn(x, torch.zeros(2, B, H), w, None, has_biases=True, num_layers=2,
+                             bidirectional=False, relu=False, per_sample=sink)
+    with pytest.raises(TypeError, match="must be real number"):
+        out.sum().backward()
+    with pytest.raises(TypeError, match="per_sample must be callable or None"):
+        rnn_ext.ops.rnn(x, torch.zeros(2, B, H), w, None, has_biases=True, num_layers=2,
+                        bidirectional=False, relu=False, per_sample=3)
+
+
 # --- torch.func ----------------------------------------------------------------------------
 
 class _Model(torch.nn.Module):
