@@ -9,6 +9,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/blas.h"
+#include "cpu/recycle.h"
 #include "rnn_ext.h"
 #ifdef RNN_EXT_WITH_CUDA
 #include "cuda/rnn_persistent.h"
@@ -101,6 +102,8 @@ std::string cuda_persistent_variant(const std::string& phase) {
 }
 #endif
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
+int64_t empty_cpu_cache() { return cpu::release_recycled(); }
+int64_t cpu_cache_idle_bytes() { return cpu::recycled_idle_bytes(); }
 // The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
 at::Tensor cpu_activation(const at::Tensor& x, bool relu) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
@@ -160,6 +163,10 @@ TORCH_LIBRARY(rnn_ext, m) {
       "Tensor workspace, Tensor noise, Tensor? input_t, Tensor? hx_t, Tensor?[] weights_t, "
       "bool has_biases, int num_layers, bool bidirectional, bool relu) -> (Tensor, Tensor)");
   m.def("cpu_direct_blas() -> bool", &cpu_direct_blas);
+  // The CPU kernels' recycled buffers (csrc/cpu/recycle.cpp): free the idle ones (returns the
+  // bytes freed), and how many bytes are idle.
+  m.def("empty_cpu_cache() -> int", &empty_cpu_cache);
+  m.def("cpu_cache_idle_bytes() -> int", &cpu_cache_idle_bytes);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);
   m.def("set_cuda_kernel(str name) -> str", &set_cuda_kernel);

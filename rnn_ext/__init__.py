@@ -15,8 +15,20 @@ __version__ = "0.1.0"
 dp.install_opacus_registration()  # registers rnn_ext.RNN's grad sampler when opacus is imported
 __all__ = [
     "RNN", "convert_rnns", "reference", "ops", "backend_info", "per_sample_gradients", "set_cuda_kernel",
-    "cuda_kernel_used", "set_cuda_wavefront", "cuda_wavefront_layers",
+    "cuda_kernel_used", "set_cuda_wavefront", "cuda_wavefront_layers", "empty_cpu_cache",
 ]
+
+
+def empty_cpu_cache() -> int:
+    """Frees the memory of rnn_ext's CPU buffers that is kept for reuse (as
+    ``torch.cuda.empty_cache`` does for CUDA) and returns its size in bytes.  The CPU kernels
+    reuse the memory of their large buffers (>= 1 MiB: outputs, workspace, gradients) once no
+    tensor holds it, instead of taking fresh pages from the OS every training step; idle memory
+    is freed on its own after 64 requests without reuse and kept to at most
+    ``RNN_EXT_CPU_RECYCLE_MB`` megabytes (default 512; 0 turns the reuse off)."""
+    import torch
+
+    return int(torch.ops.rnn_ext.empty_cpu_cache())
 
 
 def backend_info() -> dict:

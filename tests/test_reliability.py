@@ -632,6 +632,91 @@ def test_no_memory_growth_over_training_steps():
     assert growth < 2 * 2**20, f"RSS grew by {growth / 2**20:.2f} MiB over {STEPS} steps"
 
 
+# The CPU kernels' large buffers (>= 1 MiB) recycle their memory (csrc/cpu/recycle.cpp).
+_BIG = dict(T=64, B=16, I=8, H=256)  # output (64, 16, 256) float32: 1 MiB
+
+
+def _big_forward(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(_BIG["T"], _BIG["B"], _BIG["I"], generator=g)
+    with torch.no_grad():
+        return m(x)[0]
+
+
+def test_cpu_buffer_memory_recycled_only_when_unreferenced():
+    """A dropped output's memory serves the next call of the same size; while anything still
+    refers to it (the tensor, a view, its storage) it is not handed out again, and its values
+    stay what they were."""
+    torch.manual_seed(0)
+    m = rnn_ext.RNN(_BIG["I"], _BIG["H"])
+    out = _big_forward(m, 1)
+    ptr = out.data_ptr()
+    del out
+    out = _big_forward(m, 1)
+    assert out.data_ptr() == ptr, "a dropped buffer's memory was not reused"
+    assert out.untyped_storage().nbytes() == out.numel() * 4
+    del out
+    a = _big_forward(m, 5)  # takes the idle block; the next needs memory of its own
+    expected = a.clone()
+    b = _big_forward(m, 6)
+    assert a.data_ptr() != b.data_ptr()
+    torch.testing.assert_close(a, expected, rtol=0, atol=0)
+    out = a
+    del b
+    for keep in ("tensor", "view", "storage"):
+        first = _big_forward(m, 2)
+        expected = first.clone()
+        held = {"tensor": first, "view": first[3:5], "storage": first.untyped_storage()}[keep]
+        ptr = first.data_ptr()
+        del first
+        second = _big_forward(m, 3)
+        assert second.data_ptr() != ptr, f"memory handed out again while a {keep} held it"
+        if keep == "storage":
+            held = torch.empty(0).set_(held).view_as(expected)
+        torch.testing.assert_close(held, expected[3:5] if keep == "view" else expected,
+                                   rtol=0, atol=0)
+        del held, second
+    # a recycled tensor is an ordinary one: resizable, and its memory reported to the profiler
+    out.resize_(2 * out.numel())
+    from torch.profiler import profile
+    with profile(profile_memory=True) as prof:
+        res = _big_forward(m, 4)
+    assert sum(e.cpu_memory_usage for e in prof.key_averages() if "rnn_forward" in e.key) >= 2**20
+    del res
+
+
+def test_empty_cpu_cache():
+    torch.manual_seed(0)
+    m = rnn_ext.RNN(_BIG["I"], _BIG["H"])
+    rnn_ext.empty_cpu_cache()
+    assert torch.ops.rnn_ext.cpu_cache_idle_bytes() == 0
+    _big_forward(m, 1)  # (the output dropped at once)
+    idle = torch.ops.rnn_ext.cpu_cache_idle_bytes()
+    assert idle >= 2**20
+    assert rnn_ext.empty_cpu_cache() == idle
+    assert torch.ops.rnn_ext.cpu_cache_idle_bytes() == 0
+
+
+def test_cpu_buffer_recycling_off_and_bounded():
+    """RNN_EXT_CPU_RECYCLE_MB=0 turns recycling off; with a limit, idle memory never exceeds it."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, rnn_ext\n"
+        "m = rnn_ext.RNN(8, 256)\n"
+        "for T in range(64, 96):\n"
+        "    with torch.no_grad():\n"
+        "        m(torch.randn(T, 16, 8))\n"
+        "    print(torch.ops.rnn_ext.cpu_cache_idle_bytes())\n")
+    for mb, bound in (("0", 0), ("3", 3 << 20)):
+        env = dict(os.environ, RNN_EXT_CPU_RECYCLE_MB=mb)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        idle = [int(v) for v in out]
+        assert max(idle) <= bound, (mb, idle)
+        assert (max(idle) > 0) == (bound > 0), (mb, idle)
+
+
 @pytest.mark.parametrize("ctx", ["no_grad", "inference_mode"])
 def test_no_grad_saves_nothing(ctx):
     torch.manual_seed(0)

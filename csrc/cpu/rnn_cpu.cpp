@@ -29,6 +29,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/blas.h"
+#include "cpu/recycle.h"
 #include "cpu/step_kernel.h"
 #include "rnn_ext.h"
 
@@ -40,9 +41,10 @@ using cpu::gemm;
 
 // An uninitialised CPU tensor, allocated without a trip through the dispatcher: a dispatched
 // at::empty costs microseconds, and the kernels need a dozen buffers per call, which at the
-// walkthrough's sizes cost more than the arithmetic.  (Every element is written before use.)
+// walkthrough's sizes cost more than the arithmetic.  Large ones are recycled from earlier calls
+// (cpu/recycle.h).  (Every element is written before use.)
 at::Tensor new_tensor(at::IntArrayRef sizes, at::ScalarType dt) {
-  return at::Tensor(at::detail::empty_cpu(sizes, dt));
+  return cpu::recycled_empty(sizes, dt);
 }
 
 template <typename T>
