@@ -22,8 +22,11 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -59,7 +62,13 @@ struct Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool;  // never destroyed: storages may be freed during static destruction
+  static Pool* p = [] {
+    // A fork while another thread holds the mutex would leave it locked in the child forever
+    // (e.g. a DataLoader worker forked mid-step): the child starts with a fresh one (its idle
+    // blocks are the child's own copies, still valid).
+    pthread_atfork(nullptr, nullptr, [] { new (&pool().mutex) std::mutex(); });
+    return new Pool;  // never destroyed: storages may be freed during static destruction
+  }();
   return *p;
 }
 
