@@ -60,6 +60,12 @@ MUTATIONS = {
     "k8_per_sample_sums_left_scaled": (
         "per-sample op: the summed gradients keep the per-sample scale",
         ["tests/test_per_sample.py"]),
+    "k9_per_sample_door_ignores_scale": (
+        "C++ per-sample door: the sink's scale (Opacus' mean-loss factor) is never asked for",
+        ["tests/test_per_sample.py", "-k", "opacus"]),
+    "k10_recycled_block_stays_idle": (
+        "CPU buffer recycling: a reused block stays in the idle list (handed out twice)",
+        ["tests/test_reliability.py", "-k", "recycl"]),
     "k1_step_kernel_tile_edge": (
         "step kernel: the last column of a partial 16-column block misses its projection",
         ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
