@@ -10,6 +10,7 @@
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "cpu/recycle.h"
+#include "cpu/step_kernel.h"
 #include "rnn_ext.h"
 #ifdef RNN_EXT_WITH_CUDA
 #include "cuda/rnn_persistent.h"
@@ -103,6 +104,7 @@ std::string cuda_persistent_variant(const std::string& phase) {
 #endif
 bool cpu_direct_blas() { return cpu::direct_blas_available(); }
 int64_t empty_cpu_cache() { return cpu::release_recycled(); }
+std::string cpu_step_kernel_isa(int64_t K) { return cpu::step_kernel_isa(K); }
 int64_t cpu_cache_idle_bytes() { return cpu::recycled_idle_bytes(); }
 // The CPU nonlinearity kernels on their own, for the kernel tests and benchmarks.
 at::Tensor cpu_activation(const at::Tensor& x, bool relu) {
@@ -166,6 +168,8 @@ TORCH_LIBRARY(rnn_ext, m) {
   // The CPU kernels' recycled buffers (csrc/cpu/recycle.cpp): free the idle ones (returns the
   // bytes freed), and how many bytes are idle.
   m.def("empty_cpu_cache() -> int", &empty_cpu_cache);
+  // The instruction set of the float32 CPU step kernel for a step with this K (= H).
+  m.def("_cpu_step_kernel_isa(int K) -> str", &cpu_step_kernel_isa);
   m.def("cpu_cache_idle_bytes() -> int", &cpu_cache_idle_bytes);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);

@@ -38,5 +38,8 @@ def backend_info() -> dict:
     return {
         "version": __version__,
         "cpu_direct_blas": bool(torch.ops.rnn_ext.cpu_direct_blas()),
+        # the float32 recurrence's step kernel below / from H = 128 (avx2, avx512 or none)
+        "cpu_step_kernel": (torch.ops.rnn_ext._cpu_step_kernel_isa(64),
+                            torch.ops.rnn_ext._cpu_step_kernel_isa(128)),
         "cuda": bool(torch.ops.rnn_ext.built_with_cuda()),
     }

@@ -3,8 +3,10 @@
 The path a float32 recurrence takes depends on the thread count and on switches read once per
 process (csrc/cpu/rnn_cpu.cpp), so each path runs in its own subprocess:
 
-* ``step_kernel``: one thread: the AVX2 register-blocked step kernel (csrc/cpu/step_kernel.cpp)
-  forward and BPTT;
+* ``step_kernel``: one thread: the register-blocked step kernel (csrc/cpu/step_kernel.cpp)
+  forward and BPTT (AVX2; on AVX-512 cores the AVX-512 blocks from H = 128);
+  ``step_kernel_avx512`` / ``step_kernel_avx2``: the same with RNN_EXT_CPU_ISA forcing one kind
+  of block at every H;
 * ``row_team`` / ``column_team``: 3 threads, RNN_EXT_TEAM_MIN=0 with RNN_EXT_TEAM_ROWS_MIN=1
   (each thread its own slice of batch rows, uneven slices included) or =0 (threads split each
   step's 16-column blocks, one barrier per step);
@@ -91,6 +93,14 @@ PATHS = {
     "step_kernel": ({}, 1, [(H, B, 1, B % 2 == 0, "tanh" if B % 3 else "relu", B % 4 == 3)
                             for H in H_EDGES for B in (1, 2, 3, 4, 5, 6, 7, 8, 13)]
                     + [(33, 5, 2, True, "tanh", True), (17, 6, 3, False, "relu", False)]),
+    # the AVX-512 blocks at every K, and the AVX2 ones at every K (by default a CPU with
+    # AVX-512 runs K = H >= 128 on the former; without AVX-512 both are the AVX2 path)
+    "step_kernel_avx512": ({"RNN_EXT_CPU_ISA": "avx512"}, 1,
+                           [(H, B, 1, B % 2 == 0, "tanh" if B % 3 else "relu", B % 4 == 3)
+                            for H in H_EDGES for B in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13)]),
+    "step_kernel_avx2": ({"RNN_EXT_CPU_ISA": "avx2"}, 1,
+                         [(H, B, 1, B % 2 == 0, "tanh", B == 3)
+                          for H in (127, 128, 129, 257) for B in (1, 3, 8, 13)]),
     "row_team": ({"RNN_EXT_TEAM_MIN": "0", "RNN_EXT_TEAM_ROWS_MIN": "1"}, 3,
                  [(H, B, 1, H % 2 == 1, "tanh" if B % 2 else "relu", B == 7)
                   for H in (16, 17, 33, 64, 129) for B in (3, 4, 5, 7, 13)]
@@ -128,6 +138,46 @@ def test_float32_path_matches_float64_truth(path):
     assert len(rows) == sum(4 + (2 if c[3] else 1) * 4 * c[2] for c in cases)
     bad = [r for r in rows if r["ext"] > 2 * r["torch"] + 4e-7]
     assert not bad, f"{len(bad)} tensors: rnn_ext's float32 error above 2x torch's: {bad[:5]}"
+
+
+ISA_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, rnn_ext
+    torch.set_num_threads(int(sys.argv[2]))
+    res = [torch.ops.rnn_ext._cpu_step_kernel_isa(16), torch.ops.rnn_ext._cpu_step_kernel_isa(128)]
+    for (H, B, L, bi) in [(16, 1, 1, False), (40, 3, 2, True), (128, 9, 1, False),
+                          (130, 13, 2, True), (256, 16, 1, False)]:
+        torch.manual_seed(H + B)
+        m = rnn_ext.RNN(5, H, L, bidirectional=bi)
+        x = torch.randn(7, B, 5, requires_grad=True)
+        out, hn = m(x)
+        loss = (out * torch.randn(out.shape)).sum() + (hn * torch.randn(hn.shape)).sum()
+        res.append([out, hn, *torch.autograd.grad(loss, [x, *m.parameters()])])
+    torch.save(res, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_kernel_isas_bitwise_equal(tmp_path, threads):
+    """The AVX-512 and AVX2 step-kernel blocks sum every element's products in the same order
+    with the same epilogue: outputs and gradients are bitwise equal (partial 16-column blocks,
+    row blocks of every size, both directions, forward and BPTT)."""
+    got = {}
+    for isa in ("avx2", "avx512"):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, RNN_EXT_CPU_ISA=isa, RNN_EXT_CPU_TASK_PARALLEL="0")
+        out = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path), str(threads)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got[isa] = torch.load(path)
+    assert got["avx2"][:2] == ["avx2", "avx2"]
+    if got["avx512"][:2] != ["avx512", "avx512"]:
+        assert got["avx512"][:2] == ["avx2", "avx2"]
+        pytest.skip("this CPU has no AVX-512: only the AVX2 blocks exist here")
+    for case_a, case_b in zip(got["avx2"][2:], got["avx512"][2:]):
+        for a, b in zip(case_a, case_b):
+            assert torch.equal(a, b), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -3,7 +3,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cpu/activation.h"
 #include "cpu/activation_avx2.h"
@@ -145,13 +148,121 @@ void column_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, co
   }
 }
 
+// --- AVX-512 ---------------------------------------------------------------------------------
+// The same blocks on zmm registers: one 16-column block per register (twice the FMA width of
+// AVX2 on cores with two 512-bit FMA units) and 32 registers, so blocks of up to 8 rows x 2-4
+// column blocks (<= 16 accumulators).  Every element of C still sums its K products in the order
+// k = 0, 1, ... with one FMA each, and the epilogue is the AVX2 one on the two halves: the results
+// are bitwise those of the AVX2 blocks.  Used from K >= 128 (bench/NOTES.md: on the Intel Xeon
+// VM 7-19 % faster at H = 128-512; at H = 64 5-10 % slower, where the epilogue, not the FMAs,
+// bounds the step).
+
+#define RNN_EXT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+
+enum class Isa { kAuto, kAvx2, kAvx512 };
+
+// The CPU's AVX-512 F/DQ/VL, and RNN_EXT_CPU_ISA: "avx2" never uses the AVX-512 blocks,
+// "avx512" uses them at every K (for the tests), anything else or unset: from K >= 128.
+Isa isa_choice() {
+  static const Isa isa = [] {
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512vl") && cpu_has_avx2_fma())) {
+      return Isa::kAvx2;
+    }
+    const char* v = std::getenv("RNN_EXT_CPU_ISA");
+    const std::string want = v != nullptr ? v : "";
+    return want == "avx2" ? Isa::kAvx2 : want == "avx512" ? Isa::kAvx512 : Isa::kAuto;
+  }();
+  return isa;
+}
+
+constexpr int64_t kAvx512MinK = 128;
+
+bool use_avx512(int64_t K) {
+  const Isa isa = isa_choice();
+  return isa == Isa::kAvx512 || (isa == Isa::kAuto && K >= kAvx512MinK);
+}
+
+// (GCC 12 warns that its own _mm256_undefined_ps, inside _mm512_extractf32x8_ps, is used
+// uninitialised: the extract writes every lane)
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int MR, int NB>
+RNN_EXT_TARGET_AVX512 void block512(int64_t K, const float* A, int64_t lda, const float* Bp,
+                                    float* C, int64_t ldc, int64_t ncols, bool accumulate,
+                                    StepAct act) {
+  __m512 acc[MR][NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) acc[r][n] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NB];
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) b[n] = _mm512_loadu_ps(Bp + (n * K + k) * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int n = 0; n < NB; ++n) acc[r][n] = _mm512_fmadd_ps(a, b[n], acc[r][n]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int n = 0; n < NB; ++n) {
+      epilogue(_mm512_castps512_ps256(acc[r][n]), _mm512_extractf32x8_ps(acc[r][n], 1),
+               C + r * ldc + n * 16, n == NB - 1 ? ncols : 16, accumulate, act);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
+// kBlocks512[MR][NB]: MR = 1..8 rows, NB = 1..4 column blocks (MR NB <= 16 accumulators).
+template <int MR>
+constexpr std::array<BlockFn, 5> row512() {
+  return {nullptr, block512<MR, 1>, block512<MR, 2>, MR * 3 <= 16 ? block512<MR, 3> : nullptr,
+          MR * 4 <= 16 ? block512<MR, 4> : nullptr};
+}
+constexpr std::array<BlockFn, 5> kBlocks512[9] = {
+    {}, row512<1>(), row512<2>(), row512<3>(), row512<4>(),
+    row512<5>(), row512<6>(), row512<7>(), row512<8>()};
+
+void column_blocks512(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, const float* A,
+                      int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
+                      StepAct act) {
+  // Rows in balanced blocks of at most 8; column blocks 2 at a time (up to 4 for 1-4 rows,
+  // whose few accumulator chains would otherwise wait on the FMA latency).
+  const int64_t widest = M <= 4 ? 4 : 2;
+  for (int64_t jb = jb0; jb < jb1;) {
+    const int64_t nb = std::min(widest, jb1 - jb);
+    const int64_t last_j = (jb + nb - 1) * 16;
+    const int64_t ncols = std::min<int64_t>(16, N - last_j);
+    int64_t blocks_left = (M + 7) / 8;
+    for (int64_t r = 0; r < M; --blocks_left) {
+      const int64_t mr = (M - r + blocks_left - 1) / blocks_left;
+      kBlocks512[mr][nb](K, A + r * lda, lda, Bp + jb * K * 16, C + r * ldc + jb * 16, ldc,
+                         ncols, accumulate, act);
+      r += mr;
+    }
+    jb += nb;
+  }
+}
+
 }  // namespace
 
 void step_gemm_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, const float* A,
                       int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
                       StepAct act) {
   if (M <= 0 || jb1 <= jb0) return;
-  column_blocks(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+  if (use_avx512(K)) {
+    column_blocks512(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+  } else {
+    column_blocks(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+  }
 }
 
 #else
@@ -169,6 +280,16 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
                float* C, int64_t ldc, bool accumulate, StepAct act) {
   // (one thread: several threads split a step's column blocks as a team, csrc/cpu/rnn_cpu.cpp)
   step_gemm_blocks(0, (N + 15) / 16, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
+}
+
+const char* step_kernel_isa(int64_t K) {
+#ifdef RNN_EXT_AVX2
+  if (!step_kernel_available()) return "none";
+  return use_avx512(K) ? "avx512" : "avx2";
+#else
+  (void)K;
+  return "none";
+#endif
 }
 
 }  // namespace rnn_ext::cpu
