@@ -66,6 +66,9 @@ MUTATIONS = {
     "k10_recycled_block_stays_idle": (
         "CPU buffer recycling: a reused block stays in the idle list (handed out twice)",
         ["tests/test_reliability.py", "-k", "recycl"]),
+    "k11_avx512_step_drops_last_k": (
+        "AVX-512 step blocks: every sum misses its last product",
+        ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
     "k1_step_kernel_tile_edge": (
         "step kernel: the last column of a partial 16-column block misses its projection",
         ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
