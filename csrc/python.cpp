@@ -43,7 +43,12 @@ PyObject* wrap_or_none(const at::Tensor& t) {
 std::shared_ptr<PyObject> own(PyObject* obj) {
   Py_INCREF(obj);
   return std::shared_ptr<PyObject>(obj, [](PyObject* o) {
-    if (Py_IsInitialized()) {
+#if PY_VERSION_HEX >= 0x030D0000
+    const bool finalizing = Py_IsFinalizing();
+#else
+    const bool finalizing = _Py_IsFinalizing();
+#endif
+    if (Py_IsInitialized() && !finalizing) {  // (at shutdown: left to the OS)
       pybind11::gil_scoped_acquire gil;
       Py_DECREF(o);
     }

@@ -25,6 +25,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import sys
+import weakref
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -41,8 +42,17 @@ def _in_caller_order(grads, unsorted_indices):
 
 # --- the plain API -------------------------------------------------------------------------
 
+# The sinks below hold their module weakly: the autograd node keeps its sink, and a sink that
+# held the module would close a cycle (module -> a stored output -> node -> sink -> module)
+# through the C++ node, which Python's collector cannot see.
+
 def _accumulating(module, batch, unsorted_indices):
+    module_ref = weakref.ref(module)
+
     def sink(grads):
+        module = module_ref()
+        if module is None:
+            return
         for p, g in zip(module._flat_weights, _in_caller_order(grads, unsorted_indices)):
             if p.requires_grad:
                 prev = getattr(p, "grad_sample", None)
@@ -135,8 +145,16 @@ def _opacus_per_sample(module, batch, unsorted_indices):
     # the batch size Opacus scales a mean loss's per-sample gradients by (it would otherwise
     # read it from the last positional input, which may be hx)
     module.max_batch_len = max(getattr(module, "max_batch_len", 0), batch)
+    module_ref, live_refs = weakref.ref(module), [weakref.ref(h) for h in live]
+
+    def live_hooks():  # the hooks live at the forward (held weakly: each holds the model)
+        hooks = [r() for r in live_refs]
+        return module_ref(), [h for h in hooks if h is not None]
 
     def sink(grads):
+        module, live = live_hooks()
+        if module is None or not live:
+            return
         grads = _in_caller_order(grads, unsorted_indices)
         stash = module.__dict__.setdefault("_rnn_ext_grad_samples", [])
         for i, hook in enumerate(live):
@@ -149,7 +167,11 @@ def _opacus_per_sample(module, batch, unsorted_indices):
             # below does not use it)
             hook(module, (None,), (torch.zeros(1, 1),))
 
-    sink.grad_scale = lambda: _opacus_scale(module, live[0])
+    def grad_scale():
+        module, live = live_hooks()
+        return 1 if module is None or not live else _opacus_scale(module, live[0])
+
+    sink.grad_scale = grad_scale
     return sink
 
 

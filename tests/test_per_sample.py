@@ -254,6 +254,43 @@ def test_per_sample_backward_errors():
                         bidirectional=False, relu=False, per_sample=3)
 
 
+def test_per_sample_sink_makes_no_uncollectable_cycle():
+    """The autograd node (C++, invisible to Python's collector) keeps its per-sample sink: the
+    sink must not hold the model, or a model keeping one of its outputs (an undetached h_n on
+    the module, a common RNN pattern) would never be freed."""
+    import gc
+    import weakref
+
+    from opacus import GradSampleModule
+
+    class Keeps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn_ext.RNN(I, H, batch_first=True)
+            self.head = torch.nn.Linear(H, 2)
+
+        def forward(self, x):
+            out, hn = self.rnn(x)
+            self.kept = hn  # not detached: holds the graph, and so the node and its sink
+            return self.head(out[:, -1])
+
+    def run(opacus):
+        model = Keeps()
+        ref = weakref.ref(model)
+        x = torch.randn(B, T, I)
+        if opacus:
+            GradSampleModule(model)(x).sum()
+        else:
+            with rnn_ext.per_sample_gradients(model):
+                model(x).sum()
+        return ref
+
+    for opacus in (False, True):
+        ref = run(opacus)
+        gc.collect()
+        assert ref() is None, f"model not freed (opacus={opacus})"
+
+
 # --- torch.func ----------------------------------------------------------------------------
 
 class _Model(torch.nn.Module):

@@ -676,7 +676,11 @@ def test_cpu_buffer_memory_recycled_only_when_unreferenced():
         torch.testing.assert_close(held, expected[3:5] if keep == "view" else expected,
                                    rtol=0, atol=0)
         del held, second
-    # a recycled tensor is an ordinary one: resizable, and its memory reported to the profiler
+    # a recycled tensor is an ordinary one: copy-on-write clones accept it (a "simple" data
+    # pointer, as torch's CPU allocator makes), resizable, its memory reported to the profiler
+    clone = torch._lazy_clone(out)
+    torch.testing.assert_close(clone, out, rtol=0, atol=0)
+    del clone
     out.resize_(2 * out.numel())
     from torch.profiler import profile
     with profile(profile_memory=True) as prof:

@@ -24,6 +24,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -42,17 +43,32 @@ constexpr uint64_t kMaxAge = 64;  // requests an idle block waits to be reused
 int64_t limit_bytes() {
   static const int64_t limit = [] {
     const char* v = std::getenv("RNN_EXT_CPU_RECYCLE_MB");
-    const int64_t mb = v != nullptr && *v != '\0' ? std::stoll(v) : 512;
-    return mb > 0 ? mb << 20 : 0;
+    long long mb = 512;
+    if (v != nullptr && *v != '\0') {
+      char* end = nullptr;
+      mb = std::strtoll(v, &end, 10);
+      if (end == v) mb = 512;  // not a number: the default
+    }
+    mb = std::clamp<long long>(mb, 0, int64_t{1} << 30);
+    return static_cast<int64_t>(mb) << 20;
   }();
   return limit;
 }
 
+// Each block carries its bookkeeping in a header just before the memory handed out, so that a
+// DataPtr's context is its data pointer (a "simple" DataPtr, as torch's own CPU allocator makes:
+// copy-on-write clones accept only those).  64 bytes keep alloc_cpu's alignment.
 struct Block {
-  void* data;
   size_t nbytes;
   uint64_t idle_since = 0;
 };
+constexpr size_t kHeader = 64;
+static_assert(sizeof(Block) <= kHeader, "the block header must fit before the data");
+
+char* data_of(Block* b) { return reinterpret_cast<char*>(b) + kHeader; }
+Block* block_of(void* data) {
+  return reinterpret_cast<Block*>(static_cast<char*>(data) - kHeader);
+}
 
 struct Pool {
   std::mutex mutex;
@@ -61,20 +77,23 @@ struct Pool {
   uint64_t clock = 0;
 };
 
+Pool* g_pool = nullptr;
+
 Pool& pool() {
   static Pool* p = [] {
-    // A fork while another thread holds the mutex would leave it locked in the child forever
-    // (e.g. a DataLoader worker forked mid-step): the child starts with a fresh one (its idle
-    // blocks are the child's own copies, still valid).
-    pthread_atfork(nullptr, nullptr, [] { new (&pool().mutex) std::mutex(); });
-    return new Pool;  // never destroyed: storages may be freed during static destruction
+    g_pool = new Pool;  // never destroyed: storages may be freed during static destruction
+    // fork: the forking thread takes the mutex first, so the child never inherits it locked
+    // by another thread, nor the pool half-updated (e.g. a DataLoader worker forked mid-step)
+    pthread_atfork([] { g_pool->mutex.lock(); }, [] { g_pool->mutex.unlock(); },
+                   [] { g_pool->mutex.unlock(); });
+    return g_pool;
   }();
   return *p;
 }
 
 void free_block(Block* b) {
-  c10::free_cpu(b->data);
-  delete b;
+  b->~Block();
+  c10::free_cpu(b);
 }
 
 // Frees the idle blocks [0, n) (the oldest), with the lock held.
@@ -86,14 +105,20 @@ void drop_oldest(Pool& p, size_t n) {
   p.idle.erase(p.idle.begin(), p.idle.begin() + static_cast<std::ptrdiff_t>(n));
 }
 
-// The deleter of every recycled storage's memory: back to the pool.
-void give_back(void* ctx) {
-  auto* b = static_cast<Block*>(ctx);
-  c10::profiledCPUMemoryReporter().Delete(b->data);  // (as torch's CPU allocator reports)
+// The deleter of every recycled storage's memory: back to the pool.  (Never throws: a deleter
+// runs in destructors.)
+void give_back(void* data) {
+  Block* b = block_of(data);
+  c10::profiledCPUMemoryReporter().Delete(data);  // (as torch's CPU allocator reports)
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mutex);
   b->idle_since = p.clock;
-  p.idle.push_back(b);
+  try {
+    p.idle.push_back(b);
+  } catch (...) {  // no memory for the list: free the block instead of keeping it
+    free_block(b);
+    return;
+  }
   p.idle_bytes += static_cast<int64_t>(b->nbytes);
   size_t n = 0;
   for (int64_t bytes = p.idle_bytes; bytes > limit_bytes() && n < p.idle.size(); ++n) {
@@ -126,17 +151,18 @@ struct RecyclingAllocator final : c10::Allocator {
       }
     }
     if (b == nullptr) {
-      void* data = nullptr;
+      void* raw = nullptr;
       try {
-        data = c10::alloc_cpu(nbytes);
+        raw = c10::alloc_cpu(kHeader + nbytes);
       } catch (const c10::Error&) {  // out of memory: without the idle blocks, once more
         if (release_recycled() == 0) throw;
-        data = c10::alloc_cpu(nbytes);
+        raw = c10::alloc_cpu(kHeader + nbytes);
       }
-      b = new Block{data, nbytes};
+      b = new (raw) Block{nbytes};
     }
-    c10::profiledCPUMemoryReporter().New(b->data, nbytes);
-    return {b->data, b, &give_back, c10::Device(c10::DeviceType::CPU)};
+    char* data = data_of(b);
+    c10::profiledCPUMemoryReporter().New(data, nbytes);
+    return {data, data, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
