@@ -140,8 +140,7 @@ struct RNNFunction : public torch::autograd::Function<RNNFunction> {
                   "backward(create_graph=True) is not supported there");
       const auto& sink =
           c10::static_intrusive_pointer_cast<SinkHolder>(sink_it->second.toCapsule())->sink;
-      double scale = sink->scale ? sink->scale() : 1.0;
-      if (scale == 0) scale = 1.0;  // (Opacus' factor for an empty batch)
+      const double scale = sink->scale ? sink->scale() : 1.0;
       const at::TensorList weights(saved.data() + kFirstWeight, nw);
       std::vector<at::Tensor> per_row;
       std::tie(grad_input, grad_hx, per_row, grad_w) = per_sample_op().call(

@@ -13,9 +13,10 @@
   (rnn_ext/ops.py, _FuncRNN and _FuncRNNBackward).
 
 All of them run one BPTT for the batch and form each row's weight gradients with the
-per-sample kernel (the first two through the eager C++ autograd node, csrc/autograd.cpp, given
-the function that takes them: a "sink" below) (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU, and CUDA through batched cuBLAS
-GEMMs, the latter run only under the CPU emulation so far).
+per-sample kernel (``torch.ops.rnn_ext.rnn_backward_per_sample``; CPU, and CUDA through batched
+cuBLAS GEMMs, the latter run only under the CPU emulation so far).  The first two reach it
+through the eager C++ autograd node (csrc/autograd.cpp), which hands the per-sample gradients to
+a Python function, a "sink" below.
 """
 from __future__ import annotations
 
@@ -131,8 +132,9 @@ def attach_opacus_backward_hook(module, hook):
 
 def _opacus_scale(module, hook):
     """The factor Opacus scales this hook's per-sample gradients by: the batch size for a mean
-    loss (its 1/B undone), read at backward time as Opacus does."""
-    return module.max_batch_len if hook.keywords["loss_reduction"] == "mean" else 1
+    loss (its 1/B undone), read at backward time as Opacus does; 1 for an empty batch (there
+    is no per-sample gradient to scale, and the kernel takes only nonzero scales)."""
+    return (module.max_batch_len or 1) if hook.keywords["loss_reduction"] == "mean" else 1
 
 
 def _opacus_per_sample(module, batch, unsorted_indices):

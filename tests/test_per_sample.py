@@ -183,6 +183,14 @@ def test_empty_batch(bias):
     for g, s, wi in zip(gw, summed, w):
         assert g.shape == (0, *wi.shape)
         torch.testing.assert_close(s, torch.zeros_like(wi), rtol=0, atol=0)
+    # through Opacus (a mean loss: its batch-size factor is 0 here, which the kernel refuses)
+    from opacus import GradSampleModule
+    gsm = GradSampleModule(rnn_ext.RNN(I, H, num_layers=2, bias=bias, batch_first=True))
+    out, hn = gsm(x.transpose(0, 1))
+    (out.sum() + hn.sum()).backward()
+    for n, p in gsm.named_parameters():
+        assert p.grad_sample.shape == (0, *p.shape), n
+        torch.testing.assert_close(p.grad, torch.zeros_like(p), rtol=0, atol=0, msg=n)
 
 
 def test_errors():

@@ -13,8 +13,8 @@
 // observed, and the memory is never handed out while any storage holds it).  Idle memory is
 // freed when it has not been reused within kMaxAge requests, beyond RNN_EXT_CPU_RECYCLE_MB
 // megabytes in all (default 512; 0 turns recycling off), or by release_recycled()
-// (rnn_ext.empty_cpu_cache()).  Requests
-// under kMinBytes go to torch's CPU allocator: malloc keeps such blocks in its heap anyway.
+// (rnn_ext.empty_cpu_cache()).  Requests under kMinBytes go to torch's CPU allocator: malloc
+// keeps such blocks in its heap anyway.
 #include "cpu/recycle.h"
 
 #include <ATen/EmptyTensor.h>
@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
-#include <string>
 #include <vector>
 
 #include <c10/util/Exception.h>

@@ -221,11 +221,20 @@ RNN_EXT_TARGET_AVX512 void block512(int64_t K, const float* A, int64_t lda, cons
 }
 #pragma GCC diagnostic pop
 
-// kBlocks512[MR][NB]: MR = 1..8 rows, NB = 1..4 column blocks (MR NB <= 16 accumulators).
+// kBlocks512[MR][NB]: MR = 1..8 rows, NB = 1..4 column blocks (MR NB <= 16 accumulators; the
+// others are never reached, nor instantiated).
+template <int MR, int NB>
+constexpr BlockFn block512_if_fits() {
+  if constexpr (MR * NB <= 16) {
+    return block512<MR, NB>;
+  } else {
+    return nullptr;
+  }
+}
 template <int MR>
 constexpr std::array<BlockFn, 5> row512() {
-  return {nullptr, block512<MR, 1>, block512<MR, 2>, MR * 3 <= 16 ? block512<MR, 3> : nullptr,
-          MR * 4 <= 16 ? block512<MR, 4> : nullptr};
+  return {nullptr, block512_if_fits<MR, 1>(), block512_if_fits<MR, 2>(),
+          block512_if_fits<MR, 3>(), block512_if_fits<MR, 4>()};
 }
 constexpr std::array<BlockFn, 5> kBlocks512[9] = {
     {}, row512<1>(), row512<2>(), row512<3>(), row512<4>(),
