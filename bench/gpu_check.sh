@@ -21,15 +21,17 @@
 #                     persistent cases of tests/test_cuda.py
 #   sanitizer_TOOL    compute-sanitizer memcheck, racecheck, synccheck, initcheck, one pass each
 #                     over bench/sanitizer_workload.py (step and persistent kernels, forward and
-#                     backward), only rnn_ext's kernels instrumented, no caching allocator
+#                     backward), only rnn_ext's kernels instrumented, no caching allocator,
+#                     CUDA_LAUNCH_BLOCKING=1; where the process dies in case K (a crash under
+#                     the tool), sanitizer_TOOL_rest runs the cases after K
 #   bench_tf32_off    issue 5's grid, rnn_ext (persistent) vs cuDNN, TF32 off for both
 #   issue5_summary    issue 5's targets from that grid
 #   bench_narrow_a    bf16, B in {32,128}, H in {512,1024} again with the tensor-core kernels' old
 #                     4-byte A-fragment loads (RNN_EXT_CUDA_MMA_NARROW_A=1), if >= 60 s are left
 #   narrow_a_compare  8-byte against 4-byte loads on those points (bench/narrow_a_compare.py)
 #   bench_tf32_on     the same grid with TF32 on for both, if >= 90 s are left
-# A persistent stage that hangs (its timeout, or pytest-timeout's) makes the later stages run the
-# step kernels only.  No CPU-only test runs here.  Exit status: non-zero when the build or the
+# A persistent stage that hangs (its timeout, pytest-timeout's, or a sanitizer's timeout in a
+# persistent case) makes the later stages run the step kernels only.  No CPU-only test runs here.  Exit status: non-zero when the build or the
 # cuda tests fail or time out.
 #
 # GPU_CHECK_DRY_RUN=1: the same control flow on any machine, each GPU stage replaced by a stub
@@ -43,7 +45,13 @@ if [ "${1:-}" = "--dry-stub" ]; then  # one stubbed stage of a dry run: NAME CMD
   shift 2
   echo "DRY RUN stub for stage $name: $*"
   case ",${GPU_CHECK_DRY_HANG:-}," in *",$name,"*) echo "hanging"; exec sleep 3600 ;; esac
-  case ",${GPU_CHECK_DRY_FAIL:-}," in *",$name,"*) echo "failing"; exit 1 ;; esac
+  case ",${GPU_CHECK_DRY_FAIL:-}," in
+    *",$name,"*)
+      case "$name" in  # a sanitizer's process dying in the workload's second case
+        sanitizer_*) echo "case 1 of 7 starts: step"; echo "failing"; exit 99 ;;
+      esac
+      echo "failing"; exit 1 ;;
+  esac
   for a in "$@"; do
     case "$a" in
       --junitxml=*)
@@ -303,12 +311,30 @@ for tool in memcheck racecheck synccheck initcheck; do
   if [ "$PERSISTENT_HUNG" = 1 ]; then WL=(--no-persistent); note="step kernels only (a persistent stage hung)"; fi
   extra=()
   [ "$tool" = memcheck ] && extra=(--padding 256)
-  run_stage "sanitizer_$tool" 75 "$note" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SAN" --tool "$tool" "${extra[@]}" --kernel-name kns=rnn_ext --error-exitcode 99 \
-    --print-limit 200 "$PY" bench/sanitizer_workload.py "${WL[@]}"
+  # CUDA_LAUNCH_BLOCKING: an error is reported at the launch of the kernel that made it
+  SANCMD=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_LAUNCH_BLOCKING=1
+          "$SAN" --tool "$tool" "${extra[@]}" --kernel-name kns=rnn_ext --error-exitcode 99
+          --print-limit 200 "$PY" bench/sanitizer_workload.py "${WL[@]}")
+  run_stage "sanitizer_$tool" 75 "$note" "${SANCMD[@]}"
+  log=$WORK/sanitizer_$tool.log
+  # the case the workload was in when it crashed or hung ("case K of N starts: KERNEL")
+  last=$(grep -E '^case [0-9]+ of [0-9]+ starts: ' "$log" 2>/dev/null | tail -n 1)
   if [ "${RC[sanitizer_$tool]}" = timeout ] && [ "$PERSISTENT_HUNG" = 0 ]; then
-    PERSISTENT_HUNG=1
-    echo "== sanitizer_$tool timed out: the later stages run the step kernels only"
+    case "$last" in
+      *": step") echo "== sanitizer_$tool timed out in a step case: persistent stages go on" ;;
+      *)
+        PERSISTENT_HUNG=1
+        echo "== sanitizer_$tool timed out (${last:-before its first case}): the later stages run the step kernels only" ;;
+    esac
+  elif [ "${RC[sanitizer_$tool]}" != 0 ] && [ "${RC[sanitizer_$tool]}" != skipped ] && [ -n "$last" ] \
+      && ! grep -q '^sanitizer workload:' "$log"; then
+    # the process died in case K (a crash under the tool): the cases after it, once more
+    k=$(echo "$last" | awk '{print $2}')
+    n=$(echo "$last" | awk '{print $4}')
+    if [ $((k + 1)) -lt "$n" ]; then
+      run_stage "sanitizer_${tool}_rest" 60 "cases $((k + 1))-$((n - 1)); the process died in case $k" \
+        "${SANCMD[@]}" --from $((k + 1))
+    fi
   fi
 done
 

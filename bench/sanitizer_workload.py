@@ -9,7 +9,8 @@ Prints one line per case: the case, the kernel and persistent variant that ran f
 backward, and the largest difference from a float64 CPU run (a sanity check; the sanitizer's
 report is the result).  Exits 1 if a case's numbers are off or a case that should run
 persistent did not.  --no-persistent runs the step cases only (gpu_check.sh passes it when a
-persistent stage hung).
+persistent stage hung); --from N starts at case N.  Each case's start is printed first
+("case N of M starts: KERNEL"), so a log shows where a crash or hang happened.
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def run_case(kernel, dtype, tf32, T, B, I, H, L, bi, lengths):
     hx = 0.5 * torch.randn(L * D, B, H, dtype=torch.float64)
 
     def run(device, dt):
-        m = rnn_ext.RNN(I, H, L, bidirectional=bi, device=device, dtype=dt)
+        # built on the CPU and moved: built on the GPU, RNNBase's constructor copies its
+        # uninitialised weights into cuDNN's flat buffer, which initcheck reports (torch's copy)
+        m = rnn_ext.RNN(I, H, L, bidirectional=bi, dtype=dt)
         m.load_state_dict(ext.state_dict())
+        m = m.to(device)
         xx = x.to(device, dt).requires_grad_()
         h = hx.to(device, dt).requires_grad_()
         inp = xx if lengths is None else pack_padded_sequence(xx, torch.tensor(lengths))
@@ -83,15 +87,21 @@ def run_case(kernel, dtype, tf32, T, B, I, H, L, bi, lengths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-persistent", action="store_true", help="the step cases only")
+    ap.add_argument("--from", dest="first", type=int, default=0,
+                    help="start at this case (gpu_check.sh: the cases after one that broke)")
     args = ap.parse_args()
     if not (torch.cuda.is_available() and rnn_ext.backend_info()["cuda"]):
         print("needs a CUDA GPU and a CUDA build of rnn_ext", file=sys.stderr)
         return 2
     ok = True
-    for case in CASES:
+    for i, case in enumerate(CASES):
+        if i < args.first:
+            continue
         if args.no_persistent and case[0] != "step":
             print(f"skipped (--no-persistent): {case[0]}")
             continue
+        # (gpu_check.sh reads this line: which case a crash or a hang happened in)
+        print(f"case {i} of {len(CASES)} starts: {case[0]}", flush=True)
         ok &= run_case(*case)
     print("sanitizer workload:", "OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -39,15 +39,15 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& hx, at::TensorList 
   TORCH_CHECK(input.dim() == expected_dim, "input must have ", expected_dim,
               " dimensions, got ", input.dim());
 
-  // Devices, as aten's RNN reports them.
+  // Devices, as aten's RNN reports them (check_attributes: the hidden state first).
+  TORCH_CHECK(hx.device() == input.device(),
+              "Input and hidden tensors are not at the same device, found input tensor at ",
+              input.device(), " and hidden tensor at ", hx.device());
   for (const auto& w : weights) {
     TORCH_CHECK(w.device() == input.device(),
                 "Input and parameter tensors are not at the same device, found input tensor at ",
                 input.device(), " and parameter tensor at ", w.device());
   }
-  TORCH_CHECK(hx.device() == input.device(),
-              "Input and hidden tensors are not at the same device, found input tensor at ",
-              input.device(), " and hidden tensor at ", hx.device());
 
   // aten checks the sequence length next (before any dtype or shape check of its own).
   TORCH_CHECK(g.packed || input.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");

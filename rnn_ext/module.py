@@ -13,13 +13,29 @@ from . import ops
 __all__ = ["RNN", "convert_rnns"]
 
 
-def _autocast_cast(device_type: str, tensors):
-    """Cast as autocast does for matmul-like ops: floating tensors other than float64 go to
-    the autocast dtype (torch.nn.RNN under autocast runs in that dtype)."""
+def _autocast_cast(input, tensors):
+    """Cast as autocast does for torch.nn.RNN: floating tensors other than float64 go to the
+    autocast dtype; except where torch.nn.RNN runs cuDNN (a CUDA input of a dtype cuDNN takes,
+    aten's cudnn_is_acceptable), whose autocast wrapper (aten/src/ATen/cudnn/AutocastRNN.cpp)
+    casts to float16 whatever the autocast dtype, so bfloat16 autocast gives float16 there."""
+    device_type = input.device.type
     dtype = torch.get_autocast_dtype(device_type)
+    if (
+        device_type == "cuda"
+        and input.dtype in (torch.float32, torch.float64, torch.float16)
+        and input.numel() > 0
+        and _cudnn_enabled()
+    ):
+        dtype = torch.float16
     return [
         t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
     ]
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_enabled() -> bool:
+    """Whether torch.nn.RNN would use cuDNN on a CUDA tensor (a constant while compiling)."""
+    return bool(torch.backends.cudnn.enabled and torch.backends.cudnn.is_available())
 
 
 @torch.compiler.assume_constant_result
@@ -196,7 +212,7 @@ class RNN(torch.nn.RNNBase):
             and _autocast_available(input.device.type)
             and torch.is_autocast_enabled(input.device.type)
         ):  # (is_autocast_enabled raises for device types without autocast, e.g. meta)
-            input, hx, *weights = _autocast_cast(input.device.type, [input, hx, *weights])
+            input, hx, *weights = _autocast_cast(input, [input, hx, *weights])
         if seq_first:
             input = input.transpose(0, 1)
         output, hidden = ops.rnn(

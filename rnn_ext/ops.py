@@ -32,17 +32,17 @@ def _check_same_device(input, hx, weights, *others):
     """The device checks of the C++ geometry(), with aten's messages.  They must be repeated
     here: a call mixing meta and real tensors dispatches to this fake kernel (Meta outranks
     CPU/CUDA), which would otherwise return uninitialised tensors instead of an error."""
+    torch._check(
+        hx.device == input.device,
+        lambda: "Input and hidden tensors are not at the same device, found input tensor at "
+        f"{input.device} and hidden tensor at {hx.device}",
+    )
     for w in weights:
         torch._check(
             w.device == input.device,
             lambda: "Input and parameter tensors are not at the same device, found input tensor "
             f"at {input.device} and parameter tensor at {w.device}",
         )
-    torch._check(
-        hx.device == input.device,
-        lambda: "Input and hidden tensors are not at the same device, found input tensor at "
-        f"{input.device} and hidden tensor at {hx.device}",
-    )
     for t in others:
         if t is not None:
             torch._check(

@@ -7,6 +7,7 @@ random cotangents through ``output`` and ``h_n`` and compare outputs, ``h_n`` an
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -349,3 +350,16 @@ def train_dist_model_single_process(steps):
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ns["train"](model, steps)
     return init, model.state_dict()
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """cuDNN's RNN and cuBLAS in exact fp32 within the block (torch.nn.RNN on CUDA uses TF32 by
+    default, torch.backends.cudnn.allow_tf32, which makes fp32 comparisons meaningless)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -18,6 +18,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
+from conftest import no_tf32
 
 
 def _cuda_ready() -> bool:
@@ -44,14 +45,9 @@ def _no_tf32():
     if not torch.cuda.is_available():
         yield
         return
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    try:
+    with no_tf32():
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ------------------------------------------------------------------------------------------

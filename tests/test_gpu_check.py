@@ -208,3 +208,25 @@ def test_narrow_a_compare_pairs_rows(tmp_path):
                for r in out["rows"])
     assert abs(out["geomean_narrow_over_wide"] - 1.25) < 1e-12
     assert "4-byte/8-byte 1.250" in res.stdout
+
+
+def test_sanitizer_crash_runs_the_remaining_cases(tmp_path):
+    """A sanitizer's process that dies in case K (racecheck's "failed to handle a hardware
+    exception" on the first GPU run) leaves the cases after K unchecked: they run once more
+    (--from K+1) as sanitizer_TOOL_rest, and the persistent stages go on."""
+    out = tmp_path / "out"
+    res = _run(out, GPU_CHECK_DRY_FAIL="sanitizer_racecheck")
+    assert res.returncode == 0, res.stdout + res.stderr  # not gating
+    _, summary, stages, logs, text = _results(out)
+    names = [s["name"] for s in summary["stages"]]
+    i = names.index("sanitizer_racecheck")
+    assert names[i + 1] == "sanitizer_racecheck_rest", names
+    assert stages["sanitizer_racecheck"]["status"] == "failed"
+    assert stages["sanitizer_racecheck_rest"]["status"] == "ok"
+    assert "--from 2" in logs["sanitizer_racecheck_rest"]
+    assert "--from" not in logs["sanitizer_racecheck"]
+    assert "CUDA_LAUNCH_BLOCKING=1" in logs["sanitizer_racecheck_rest"]
+    assert "process died in case 1" in stages["sanitizer_racecheck_rest"]["detail"]
+    assert summary["meta"]["persistent_hung"] == 0
+    assert "RNN_EXT_CUDA_KERNEL=persistent" in logs["bench_tf32_off"]
+    assert "sanitizer_memcheck_rest" not in names

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import rnn_ext
-from conftest import DIST_MODEL, assert_as_accurate_as_torch, run_two_gloo_ranks, \
+from conftest import DIST_MODEL, no_tf32, assert_as_accurate_as_torch, run_two_gloo_ranks, \
     train_dist_model_single_process
 
 TOL32 = dict(atol=1e-5, rtol=1e-5)
@@ -309,12 +309,16 @@ def _supports_cpu_autocast(dtype):
         return False
 
 
-def _assert_autocast_like_torch(ref, ext, x, hx, dtype, device_type="cpu"):
+def _assert_autocast_like_torch(ref, ext, x, hx, dtype, device_type="cpu", runs_in=None):
+    """runs_in: the dtype torch.nn.RNN computes in under autocast(dtype) (default: dtype;
+    cuDNN's autocast wrapper takes float16 for any autocast dtype)."""
+    autocast_dtype, dtype = dtype, runs_in or dtype
+
     def run(m):
         xx = x.detach().clone().requires_grad_()
         hh = hx.detach().clone().requires_grad_()
         m.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=dtype):
+        with torch.autocast(device_type, dtype=autocast_dtype):
             out, hn = m(xx, hh)
         g = torch.Generator().manual_seed(5)
         go = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
@@ -426,14 +430,19 @@ def _cuda_ready():
 @pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU and a CUDA build of rnn_ext")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_autocast_cuda_like_torch(dtype, bidirectional):
-    """autocast('cuda') with fp16 / bf16: dtypes as torch.nn.RNN (cuDNN), values close."""
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "no-cudnn"])
+def test_autocast_cuda_like_torch(dtype, bidirectional, cudnn):
+    """autocast('cuda') with fp16 / bf16: dtypes as torch.nn.RNN, values close.  With cuDNN
+    (the default) torch.nn.RNN computes in float16 under either autocast dtype (cuDNN's
+    autocast wrapper); with cuDNN disabled, in the autocast dtype."""
     ref, ext = _pair(3, 6, num_layers=2, bidirectional=bidirectional, batch_first=True)
     ref.cuda()
     ext.cuda()
     D = 2 if bidirectional else 1
     x, hx = _inputs(3, 7, 3, batch_first=True, hx_shape=(2 * D, 3, 6))
-    _assert_autocast_like_torch(ref, ext, x.cuda(), hx.cuda(), dtype, device_type="cuda")
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        _assert_autocast_like_torch(ref, ext, x.cuda(), hx.cuda(), dtype, device_type="cuda",
+                                    runs_in=torch.float16 if cudnn else dtype)
 
 
 @pytest.mark.cuda
@@ -607,7 +616,8 @@ def test_to_cuda_and_back():
     ref_c, ext_c = copy.deepcopy(ref).to("cuda"), copy.deepcopy(ext).to("cuda")
     assert all(w.is_cuda for w in ext_c._flat_weights)
     x = torch.randn(5, 2, 3, device="cuda")
-    torch.testing.assert_close(ext_c(x)[0], ref_c(x)[0], atol=1e-4, rtol=1e-4)
+    with no_tf32():  # (cuDNN's default TF32 is off the exact answer by ~1e-3)
+        torch.testing.assert_close(ext_c(x)[0], ref_c(x)[0], atol=1e-5, rtol=1e-5)
     _check_same_function(ref, ext_c.cpu())
 
 

@@ -305,6 +305,8 @@ HOSTILE_SAME = [
     ("hx-complex", {}, lambda m: m(R(4, 2, 3), torch.zeros(1, 2, 5, dtype=torch.complex64))),
     ("input-meta", {}, lambda m: m(R(4, 2, 3, device="meta"))),
     ("hx-meta", {}, lambda m: m(R(4, 2, 3), R(1, 2, 5, device="meta"))),
+    # both wrong: aten names the hidden state first
+    ("input-meta-hx-cpu", {}, lambda m: m(R(4, 2, 3, device="meta"), R(1, 2, 5))),
     ("meta-module-cpu-input", dict(device="meta"), lambda m: m(R(4, 2, 3))),
     ("meta-module-meta-input", dict(device="meta"), lambda m: m(R(4, 2, 3, device="meta"))),
     ("seq-len-0", {}, lambda m: m(R(0, 2, 3))),
@@ -461,7 +463,10 @@ RAW_FORWARD = [
      r"^Input and hidden tensors are not at the same device, found input tensor at cpu and hidden tensor at meta$"),
     ("weight-meta", (X, HX, [W[0].to("meta")] + W[1:], None, True, 1, False), RuntimeError,
      r"^Input and parameter tensors are not at the same device, found input tensor at cpu and parameter tensor at meta$"),
+    # aten checks the hidden state before the parameters
     ("input-meta", (X.to("meta"), HX, W, None, True, 1, False), RuntimeError,
+     r"^Input and hidden tensors are not at the same device, found input tensor at meta and hidden tensor at cpu$"),
+    ("input-hx-meta", (X.to("meta"), HX.to("meta"), W, None, True, 1, False), RuntimeError,
      r"^Input and parameter tensors are not at the same device, found input tensor at meta and parameter tensor at cpu$"),
 ]
 
@@ -871,10 +876,10 @@ def _clone_leaf(x):
 
 
 def _det_run(c, device="cpu", dtype=torch.float32, dropout=0.0, seed=0):
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # (on the CPU, so that every device gets the same weights)
     m = rnn_ext.RNN(c["I"], c["H"], num_layers=c["L"], bidirectional=c["bidirectional"],
                     nonlinearity="relu" if c["relu"] else "tanh", dropout=dropout,
-                    device=device, dtype=dtype)
+                    dtype=dtype).to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(c["T"], c["B"], c["I"], generator=g, dtype=dtype).to(device)
     if c["packed"]:
