@@ -71,6 +71,24 @@ def sanitizer_result(work, name):
                   log)
     if m:
         res["errors"], res["warnings"] = int(m.group(2)), int(m.group(3))
+    # where the printed errors are: records naming a kernel ("at <kernel>+0x..") in rnn_ext's
+    # kernels or elsewhere (the initcheck pass instruments every kernel), host API errors
+    records = re.findall(r"^========= (\S.*?)\n(?:=========\s+(.*)\n)?", log, re.M)
+    ours = other = 0
+    for head, nxt in records:
+        if not re.search(r"(error|Uninitialized|Invalid|hazard|Race)", head, re.I) \
+                or "SUMMARY" in head or head.startswith(("Error: process", "Target application")):
+            continue
+        if "Internal Sanitizer Error" in head:
+            res["tool_error"] = True
+            continue
+        m = re.search(r"at (.*?)\+0x", nxt or "")
+        if m and "rnn_ext::" in m.group(1):
+            ours += 1
+        else:
+            other += 1
+    if ours or other:
+        res["printed_rnn_ext"], res["printed_elsewhere"] = ours, other
     used = re.findall(r"^(.*): cuda_kernel_used forward=(\w+) backward=(\w+), variant "
                       r"forward=(\w+) backward=(\w+).*(ok|FAIL)$", log, re.M)
     if used:
@@ -110,9 +128,18 @@ def detail(work, name, status):
         r = sanitizer_result(work, name)
         if "errors" not in r:
             return r, "no sanitizer summary in the log"
-        s = f"{r['errors']} errors in rnn_ext's kernels"
+        if r.get("tool_error") and not r.get("printed_rnn_ext") and not r.get("printed_elsewhere"):
+            s = (f"no error found before the sanitizer itself failed (Internal Sanitizer Error; "
+                 f"its summary counts that as {r['errors']})")
+        elif "printed_elsewhere" in r and r["printed_elsewhere"]:
+            s = (f"{r['errors']} errors: of those printed, {r['printed_rnn_ext']} in rnn_ext's "
+                 f"kernels, {r['printed_elsewhere']} elsewhere")
+        else:
+            s = f"{r['errors']} errors in rnn_ext's kernels"
         if "warnings" in r:
             s += f", {r['warnings']} warnings"
+        if r.get("tool_error") and (r.get("printed_rnn_ext") or r.get("printed_elsewhere")):
+            s += "; then the sanitizer itself failed (Internal Sanitizer Error)"
         if "cases" in r:
             s += (f"; {r['cases']} cases ({r['persistent_cases']} persistent), "
                   f"{r['cases_failed']} off")

@@ -9,7 +9,7 @@ Prints one line per case: the case, the kernel and persistent variant that ran f
 backward, and the largest difference from a float64 CPU run (a sanity check; the sanitizer's
 report is the result).  Exits 1 if a case's numbers are off or a case that should run
 persistent did not.  --no-persistent runs the step cases only (gpu_check.sh passes it when a
-persistent stage hung); --from N starts at case N.  Each case's start is printed first
+persistent stage hung); --from N starts at case N; --dtypes runs the cases of those dtypes.  Each case's start is printed first
 ("case N of M starts: KERNEL"), so a log shows where a crash or hang happened.
 """
 from __future__ import annotations
@@ -89,7 +89,10 @@ def main():
     ap.add_argument("--no-persistent", action="store_true", help="the step cases only")
     ap.add_argument("--from", dest="first", type=int, default=0,
                     help="start at this case (gpu_check.sh: the cases after one that broke)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16",
+                    help="run only the cases of these dtypes (comma-separated)")
     args = ap.parse_args()
+    dtypes = {getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()}
     if not (torch.cuda.is_available() and rnn_ext.backend_info()["cuda"]):
         print("needs a CUDA GPU and a CUDA build of rnn_ext", file=sys.stderr)
         return 2
@@ -99,6 +102,9 @@ def main():
             continue
         if args.no_persistent and case[0] != "step":
             print(f"skipped (--no-persistent): {case[0]}")
+            continue
+        if case[1] not in dtypes:
+            print(f"skipped (--dtypes): {case[0]} {str(case[1]).replace('torch.', '')}")
             continue
         # (gpu_check.sh reads this line: which case a crash or a hang happened in)
         print(f"case {i} of {len(CASES)} starts: {case[0]}", flush=True)

@@ -159,14 +159,22 @@ at::Tensor stacked_w_ih(const Geometry& g, const std::vector<at::Tensor>& w, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Which recurrence kernels run (issue 5): "step" (one fused kernel per step, the default until
-// the persistent kernels are verified on a GPU), "persistent" (the persistent kernels where
-// feasible, else the step path; their tensor-core variant where it applies), "persistent_fma"
-// (the same with the FMA variant only), "auto" (as "persistent" for B <= kAutoMaxBatch).
+// Which recurrence kernels run (issue 5): "step" (one fused kernel per step), "persistent" (the
+// persistent kernels where feasible, else the step path; their tensor-core variant where it
+// applies), "persistent_fma" (the same with the FMA variant only), "auto" (the default: as
+// "persistent" where it measured faster than the step path, see auto_prefers_persistent).
 // RNN_EXT_CUDA_KERNEL sets the initial value.
 enum class KernelMode : int { kStep = 0, kAuto = 1, kPersistent = 2, kPersistentFma = 3 };
 enum class KernelUsed : int { kNone = 0, kStep = 1, kPersistent = 2, kMixed = 3 };
-constexpr int64_t kAutoMaxBatch = 128;
+
+// "auto": the persistent kernels for B <= 64, and for H <= 256 up to B = 128; the step path
+// elsewhere.  Measured on an H200 (bench/RESULTS.md, 2026-11-30; T=512, L=2, I=H, fp32 and
+// bf16, forward and training): persistent 1.5-4x faster than the step path at every point
+// with B <= 32, and at B = 128 for H = 256; slower at B = 128 for H >= 512 (fp32 H=512: 15.8
+// against 10.9 ms).  B = 33-127 was not measured (64: interpolated crossover, bench/NOTES.md).
+bool auto_prefers_persistent(int64_t B, int64_t H) {
+  return B <= 64 || (H <= 256 && B <= 128);
+}
 
 bool parse_kernel_mode(const std::string& name, KernelMode* mode) {
   if (name == "step") {
@@ -199,12 +207,12 @@ const char* kernel_mode_name(KernelMode m) {
 
 std::atomic<int>& kernel_mode_state() {
   static std::atomic<int> mode{[] {
-    KernelMode m = KernelMode::kStep;
+    KernelMode m = KernelMode::kAuto;
     const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
     if (env != nullptr && *env != '\0' && !parse_kernel_mode(env, &m)) {
       TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_KERNEL=", env,
-                 " (expected auto, step, persistent or persistent_fma); using step");
-      m = KernelMode::kStep;
+                 " (expected auto, step, persistent or persistent_fma); using auto");
+      m = KernelMode::kAuto;
     }
     return static_cast<int>(m);
   }()};
@@ -291,7 +299,7 @@ KernelUsed used_of(int bits) {
 bool persistent_wanted(const Geometry& g, at::ScalarType st) {
   const auto mode = static_cast<KernelMode>(kernel_mode_state().load());
   if (mode == KernelMode::kStep || g.N == 0 || st == at::kDouble) return false;
-  if (mode == KernelMode::kAuto && g.B > kAutoMaxBatch) return false;
+  if (mode == KernelMode::kAuto && !auto_prefers_persistent(g.B, g.H)) return false;
   for (int64_t t = 0; t < g.T; ++t) {
     if (g.batch[t] != g.B || g.offset[t] != t * g.B) return false;
   }

@@ -1,12 +1,12 @@
 """Which CUDA recurrence kernels rnn_ext runs (issue 5).
 
-    rnn_ext.set_cuda_kernel("persistent")   # or "step" (the default) or "auto"
+    rnn_ext.set_cuda_kernel("persistent")   # or "auto" (the default) or "step"
     out, h = rnn(x)                           # on CUDA
     rnn_ext.cuda_kernel_used()              # -> "persistent" if that forward ran it
     out.sum().backward()
     rnn_ext.cuda_kernel_used("backward")    # -> "persistent" if that backward ran it
 
-* ``"step"``: one fused kernel per time step (csrc/cuda/rnn_kernels.cu).  The default.
+* ``"step"``: one fused kernel per time step (csrc/cuda/rnn_kernels.cu).
 * ``"persistent"``: the persistent kernels (csrc/cuda/rnn_persistent.cu), wherever feasible
   (float32/float16/bfloat16, uniform batch, H a multiple of 16 / element size, 16-byte aligned
   weights, all blocks co-resident); elsewhere the step path runs:
@@ -22,7 +22,9 @@
   ``torch.backends.cuda.matmul.allow_tf32`` is set; FMA in fp32 (the slice in shared memory)
   otherwise.  ``cuda_persistent_variant()`` says which ran.
 * ``"persistent_fma"``: as ``"persistent"`` with the FMA variant only.
-* ``"auto"``: as ``"persistent"`` but only for batch <= 128.
+* ``"auto"`` (the default): as ``"persistent"`` where it measured faster than the step path
+  on an H200 (bench/RESULTS.md): batch <= 64, and batch <= 128 for hidden size <= 256; the
+  step path elsewhere.
 
 The environment variables ``RNN_EXT_CUDA_KERNEL`` and ``RNN_EXT_CUDA_WAVEFRONT`` set the
 initial values.  The switches are process-wide.  On a build without CUDA the settings are

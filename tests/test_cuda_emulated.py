@@ -577,8 +577,17 @@ def glue(tmp_path_factory):
     mod = _load_glue(build, inc)
     mod.build_dir, mod.inc = build, inc
     prev = mod.set_kernel("step")
+    mod.initial_kernel = prev
     yield mod
     mod.set_kernel(prev)
+
+
+def test_cuda_backend_default_kernel_is_auto(glue):
+    """Without RNN_EXT_CUDA_KERNEL the CUDA backend starts in "auto" (persistent where it
+    measured faster, bench/RESULTS.md)."""
+    if os.environ.get("RNN_EXT_CUDA_KERNEL"):
+        pytest.skip("RNN_EXT_CUDA_KERNEL is set")
+    assert glue.initial_kernel == "auto"
 
 
 GLUE_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 4e-2,
@@ -612,6 +621,15 @@ GLUE_CASES = [
      "step", 0, "none"),  # H not a multiple of 4: the step path
     ("auto", torch.float32, 3, 2, 4, 16, 2, False, False, True, None, 0.0, True,
      "persistent", 2, "fma"),
+    # "auto" (the default): persistent for B <= 64, and for H <= 256 up to B = 128
+    ("auto", torch.float32, 2, 100, 4, 16, 1, False, False, True, None, 0.0, True,
+     "persistent", 1, "fma"),
+    ("auto", torch.float32, 2, 129, 4, 16, 1, False, False, True, None, 0.0, True,
+     "step", 0, "none"),
+    ("auto", torch.float32, 2, 65, 4, 272, 1, False, False, True, None, 0.0, False,
+     "step", 0, "none"),
+    ("auto", torch.float32, 2, 64, 4, 272, 1, False, False, True, None, 0.0, False,
+     "persistent", 1, "fma"),
 ]
 
 

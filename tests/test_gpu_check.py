@@ -82,9 +82,16 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert "--timeout=" in logs["persistent_tests"] and "persistent and" in logs["persistent_tests"]
     for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
         log = logs[f"sanitizer_{tool}"]
-        assert f"--tool {tool}" in log and "--kernel-name kns=rnn_ext" in log
+        assert f"--tool {tool}" in log
+        # initcheck instruments every kernel (it cannot see writes by the others)
+        assert ("--kernel-name kns=rnn_ext" in log) == (tool != "initcheck")
         assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in log and "sanitizer_workload.py" in log
         assert "--no-persistent" not in log
+    # the dtypes each tool can check (racecheck fails by itself on bf16, initcheck misses
+    # cuBLAS's half-precision writes)
+    assert "--dtypes float32,float16" in logs["sanitizer_racecheck"]
+    assert "--dtypes float32" in logs["sanitizer_initcheck"]
+    assert "--dtypes" not in logs["sanitizer_memcheck"] + logs["sanitizer_synccheck"]
     assert "RNN_EXT_CUDA_KERNEL=persistent" in logs["bench_tf32_off"]
     assert "--tf32 off" in logs["bench_tf32_off"] and "--tf32 on" in logs["bench_tf32_on"]
 
