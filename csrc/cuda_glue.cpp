@@ -227,17 +227,21 @@ std::atomic<int> last_wavefront_layers{0};
 std::atomic<int> last_variant[2] = {0, 0};
 
 // The persistent kernels' variant preferences for this call: tensor cores unless the switch
-// says "persistent_fma"; float32 on them only as TF32 and only when torch allows TF32 matmuls.
+// says "persistent_fma"; float32 on them only as TF32, only when torch allows TF32 matmuls, and
+// not under "auto": on the H200 (bench/RESULTS.md, 2026-11-30) the TF32 variant measured
+// slower than the exact-fp32 FMA one at 22 of issue 5's 24 fp32 points (forward B=128 H=256:
+// 19.0 against 6.6 ms), so "auto" runs float32 exactly; "persistent" still takes TF32.
 gpu::PersistentPrefs current_prefs() {
   gpu::PersistentPrefs prefs;
-  prefs.tensor_cores =
-      static_cast<KernelMode>(kernel_mode_state().load()) != KernelMode::kPersistentFma;
+  const auto mode = static_cast<KernelMode>(kernel_mode_state().load());
+  prefs.tensor_cores = mode != KernelMode::kPersistentFma;
   // torch's precision setting for CUDA matmuls, whichever API set it (allow_tf32,
   // set_float32_matmul_precision or fp32_precision).  Not allowTF32CuBLAS(): that legacy getter
   // raises once the new fp32_precision API has been used.
-  prefs.allow_tf32 = at::globalContext().float32Precision(at::Float32Backend::CUDA,
+  prefs.allow_tf32 = mode != KernelMode::kAuto &&
+                     at::globalContext().float32Precision(at::Float32Backend::CUDA,
                                                           at::Float32Op::MATMUL) ==
-                     at::Float32Precision::TF32;
+                         at::Float32Precision::TF32;
   // RNN_EXT_CUDA_MMA_NARROW_A=1: the tensor-core variant's A fragments as 4-byte loads in the
   // mma layout's order (the layout before the 8-byte loads; to measure the two on a GPU)
   static const bool narrow_a = [] {

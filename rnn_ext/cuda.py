@@ -24,7 +24,8 @@
 * ``"persistent_fma"``: as ``"persistent"`` with the FMA variant only.
 * ``"auto"`` (the default): as ``"persistent"`` where it measured faster than the step path
   on an H200 (bench/RESULTS.md): batch <= 64, and batch <= 128 for hidden size <= 256; the
-  step path elsewhere.
+  step path elsewhere.  Float32 runs exactly (FMA) under "auto" even where torch allows TF32:
+  the TF32 variant measured slower there.
 
 The environment variables ``RNN_EXT_CUDA_KERNEL`` and ``RNN_EXT_CUDA_WAVEFRONT`` set the
 initial values.  The switches are process-wide.  On a build without CUDA the settings are
