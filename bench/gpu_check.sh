@@ -25,8 +25,10 @@
 #                     cases; racecheck: float32 and float16 cases), no caching allocator,
 #                     CUDA_LAUNCH_BLOCKING=1; where the process dies in case K (a crash under
 #                     the tool), sanitizer_TOOL_rest runs the cases after K
-#   bench_tf32_off    issue 5's grid, rnn_ext (persistent) vs cuDNN, TF32 off for both
-#   issue5_summary    issue 5's targets from that grid
+#   bench_default     issue 5's grid, rnn_ext (its default kernel choice, "auto") vs cuDNN, TF32
+#                     off for both
+#   bench_tf32_off    the same with the persistent kernels everywhere (tuning data)
+#   issue5_summary    issue 5's targets from the default's grid (else the persistent one's)
 #   bench_narrow_a    bf16, B in {32,128}, H in {512,1024} again with the tensor-core kernels' old
 #                     4-byte A-fragment loads (RNN_EXT_CUDA_MMA_NARROW_A=1), if >= 60 s are left
 #   narrow_a_compare  8-byte against 4-byte loads on those points (bench/narrow_a_compare.py)
@@ -362,15 +364,26 @@ BENCH=("$PY" bench/bench.py --device cuda --grid "$PGRID" --dtypes float32,bfloa
        --modes fwd,train --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5
        --out "$WORK" --no-plots --no-progress)
 if [ "${RC[build]}" = 0 ]; then
+  # what users get: the default kernel choice ("auto": persistent for small batches), the run
+  # issue 5's targets are judged on
+  if [ "$KERNEL" = persistent ]; then
+    run_stage bench_default 150 "rnn_ext kernel: auto (the default)" env RNN_EXT_CUDA_KERNEL=auto \
+      "${BENCH[@]}" --tf32 off --name default_fwd
+  else
+    skip_stage bench_default "a persistent stage hung"
+  fi
+  # the persistent kernels everywhere (tuning data: where they lose to the step path)
   name=persistent_fwd
   [ "$KERNEL" = step ] && name=step_fwd
   run_stage bench_tf32_off 150 "rnn_ext kernel: $KERNEL" env RNN_EXT_CUDA_KERNEL=$KERNEL \
     "${BENCH[@]}" --tf32 off --name "$name"
-  if [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+  if [ -f "$WORK/default_fwd.cudnn.json" ]; then
     # (also reads persistent_tests.log for the grid barrier's cost)
-    run_stage issue5_summary 20 "" "$PY" bench/issue5_summary.py "$WORK"
+    run_stage issue5_summary 20 "on the default kernels" "$PY" bench/issue5_summary.py "$WORK" default_fwd
+  elif [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+    run_stage issue5_summary 20 "on the persistent kernels" "$PY" bench/issue5_summary.py "$WORK" persistent_fwd
   else
-    skip_stage issue5_summary "no persistent bench results"
+    skip_stage issue5_summary "no default or persistent bench results"
   fi
   # the tensor-core variant's A-fragment loads, 8-byte (default, above) against 4-byte
   NGRID="512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
@@ -398,6 +411,7 @@ if [ "${RC[build]}" = 0 ]; then
     skip_stage bench_tf32_on "under 90 s left"
   fi
 else
+  skip_stage bench_default "no build"
   skip_stage bench_tf32_off "no build"
   skip_stage issue5_summary "no build"
   skip_stage bench_narrow_a "no build"

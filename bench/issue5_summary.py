@@ -1,8 +1,9 @@
-"""Issue 5's targets from a gpu_check run: reads OUTDIR/persistent_fwd.cudnn.json (rnn_ext with
-the persistent kernels and cuDNN, issue 5's grid) and the grid-barrier cost printed in
-OUTDIR/persistent_tests.log, writes OUTDIR/issue5_summary.json and prints it.
+"""Issue 5's targets from a gpu_check run: reads OUTDIR/RUN.cudnn.json (rnn_ext and cuDNN on
+issue 5's grid; RUN: default_fwd = the default kernel choice, persistent_fwd = the persistent
+kernels, the default RUN) and the grid-barrier cost printed in OUTDIR/persistent_tests.log,
+writes OUTDIR/issue5_summary.json and prints it.
 
-    python bench/issue5_summary.py OUTDIR
+    python bench/issue5_summary.py OUTDIR [RUN]
 
 Targets (issue 5): forward geomean speedup over cuDNN >= 2, training >= 1.5, no point below
 0.9; per layer-step time (forward, B <= 32) within 2x of the grid barrier's own cost."""
@@ -15,12 +16,12 @@ import re
 import sys
 
 
-def main(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, "persistent_fwd.cudnn.json")) as f:
+def main(out_dir: str, run_name: str = "persistent_fwd") -> dict:
+    with open(os.path.join(out_dir, f"{run_name}.cudnn.json")) as f:
         run = json.load(f)
     rows = run["rows"]
     res = {"device": run.get("device"), "torch": run.get("torch"), "cudnn": run.get("cudnn"),
-           "modes": {}}
+           "run": run_name, "modes": {}}
     for mode in ("fwd", "train"):
         rs = [r for r in rows if r["mode"] == mode]
         if not rs:
@@ -66,7 +67,7 @@ def main(out_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    main(sys.argv[1])
+    main(*sys.argv[1:])

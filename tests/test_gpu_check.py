@@ -20,8 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["env", "build", "cuda_tests", "persistent_tests", "sanitizer_memcheck",
-          "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_tf32_off",
-          "issue5_summary", "bench_narrow_a", "narrow_a_compare", "bench_tf32_on"]
+          "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_default",
+          "bench_tf32_off", "issue5_summary", "bench_narrow_a", "narrow_a_compare", "bench_tf32_on"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None
                                 or shutil.which("timeout") is None,
@@ -94,6 +94,9 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert "--dtypes" not in logs["sanitizer_memcheck"] + logs["sanitizer_synccheck"]
     assert "RNN_EXT_CUDA_KERNEL=persistent" in logs["bench_tf32_off"]
     assert "--tf32 off" in logs["bench_tf32_off"] and "--tf32 on" in logs["bench_tf32_on"]
+    # issue 5's targets are judged on what users get: the default kernel choice
+    assert "RNN_EXT_CUDA_KERNEL=auto" in logs["bench_default"]
+    assert "--name default_fwd" in logs["bench_default"] and "--tf32 off" in logs["bench_default"]
 
 
 def test_hung_persistent_stage_still_yields_results_and_skips_persistent(tmp_path):
@@ -111,6 +114,7 @@ def test_hung_persistent_stage_still_yields_results_and_skips_persistent(tmp_pat
         assert "--no-persistent" in logs[f"sanitizer_{tool}"]
         assert "step kernels only" in stages[f"sanitizer_{tool}"]["detail"]
     assert "RNN_EXT_CUDA_KERNEL=step" in logs["bench_tf32_off"]
+    assert stages["bench_default"]["status"] == "skipped"  # "auto" would run persistent kernels
     assert stages["bench_narrow_a"]["status"] == "skipped"
     assert "persistent_tests     timeout" in text
 
