@@ -108,9 +108,12 @@ def bench_result(work, name):
             res[f"{mode}_geomean"] = round(v["geomean_speedup"], 3)
             res[f"{mode}_min"] = round(v["min_speedup"], 3)
         res["targets_met"] = s.get("targets_met")
+    # the --name each bench stage writes (gpu_check.sh)
+    stems = {"bench_default": ("default_fwd",), "bench_tf32_off": ("persistent_fwd", "step_fwd"),
+             "bench_narrow_a": ("persistent_fwd_narrow_a",),
+             "bench_tf32_on": ("persistent_fwd_tf32", "step_fwd_tf32")}.get(name, ())
     for f in sorted(os.listdir(work)):
-        stem = {"bench_default": "default_fwd"}.get(name, name.replace("bench_", ""))
-        if f.endswith(".cudnn.json") and f.startswith(stem + "."):
+        if f.endswith(".cudnn.json") and f[: -len(".cudnn.json")] in stems:
             res["rows"] = len(json.load(open(os.path.join(work, f))).get("rows", []))
     return res
 
