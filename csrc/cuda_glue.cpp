@@ -225,6 +225,29 @@ std::atomic<int> last_backward_kernel_used{static_cast<int>(KernelUsed::kNone)};
 std::atomic<int> last_wavefront_layers{0};
 // Which persistent variants the last forward / backward ran: bit 0 FMA, bit 1 tensor cores.
 std::atomic<int> last_variant[2] = {0, 0};
+// The most row groups (P5) of the last forward's / backward's persistent launches (0: none).
+std::atomic<int> last_row_groups[2] = {0, 0};
+
+// P5 (bench/NOTES.md; experimental until measured on a GPU): RNN_EXT_CUDA_ROW_SPLIT=N lets a
+// persistent launch split each cell's batch rows into up to N row groups, each with its own
+// copy of the cell's column blocks, as co-residency allows (more SMs share the L2 reads of
+// h_{t-1} at small H).  1 (the default) = off.
+constexpr int kMaxRowSplit = 64;
+std::atomic<int>& row_split_state() {
+  static std::atomic<int> v{[] {
+    const char* env = std::getenv("RNN_EXT_CUDA_ROW_SPLIT");
+    if (env == nullptr || *env == '\0') return 1;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (*end != '\0' || n < 1 || n > kMaxRowSplit) {
+      TORCH_WARN("rnn_ext: ignoring RNN_EXT_CUDA_ROW_SPLIT=", env, " (expected 1 .. ",
+                 kMaxRowSplit, ")");
+      return 1;
+    }
+    return static_cast<int>(n);
+  }()};
+  return v;
+}
 
 // The persistent kernels' variant preferences for this call: tensor cores unless the switch
 // says "persistent_fma"; float32 on them only as TF32, only when torch allows TF32 matmuls, and
@@ -249,6 +272,7 @@ gpu::PersistentPrefs current_prefs() {
     return env != nullptr && std::string(env) == "1";
   }();
   prefs.narrow_a_loads = narrow_a;
+  prefs.max_row_groups = row_split_state().load();
   return prefs;
 }
 
@@ -365,7 +389,7 @@ template <typename OutOf>
 int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& w,
                                int64_t l, const at::Tensor& h0, at::Tensor& hy, bool use_dropout,
                                OutOf&& out_of, const gpu::PersistentPrefs& prefs, int* variant,
-                               cudaStream_t stream) {
+                               int* row_groups, cudaStream_t stream) {
   int64_t n = 1;
   const int64_t extra_bytes =  // L2 traffic of the in-kernel projection per super-step
       (g.H + 7) / 8 * g.B * g.H * static_cast<int64_t>(gpu::storage_size(dt));
@@ -384,11 +408,14 @@ int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vect
   for (;;) {
     gpu::PersistentForward a = forward_cells(g, w, l, n, h0, hy, out_of);
     a.prefs = prefs;
+    int groups = 1;
+    a.used_row_groups = &groups;
     gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
     bool mma = false;
     C10_CUDA_CHECK(gpu::persistent_forward(dt, a, stream, &status, &mma));
     if (status == gpu::PersistentStatus::kLaunched) {
       *variant |= mma ? 2 : 1;
+      *row_groups = std::max(*row_groups, groups);
       return n;
     }
     if (n == 1) return 0;
@@ -403,7 +430,7 @@ int64_t try_persistent_forward(const Geometry& g, gpu::DType dt, const std::vect
 bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector<at::Tensor>& wt,
                              const at::Tensor& layer_out, const at::Tensor& dY, at::Tensor& dZ,
                              at::Tensor& dh, const gpu::PersistentPrefs& prefs, int* variant,
-                             cudaStream_t stream) {
+                             int* row_groups, cudaStream_t stream) {
   const int64_t es = layer_out.element_size();
   gpu::PersistentBackward a;
   a.T = g.T;
@@ -422,11 +449,14 @@ bool try_persistent_backward(const Geometry& g, gpu::DType dt, const std::vector
     c.dh = dh[d].data_ptr<float>();
     c.reverse = d == 1;
   }
+  int groups = 1;
+  a.used_row_groups = &groups;
   gpu::PersistentStatus status = gpu::PersistentStatus::kUnsupportedDType;
   bool mma = false;
   C10_CUDA_CHECK(gpu::persistent_backward(dt, a, stream, &status, &mma));
   if (status != gpu::PersistentStatus::kLaunched) return false;
   *variant |= mma ? 2 : 1;
+  *row_groups = std::max(*row_groups, groups);
   return true;
 }
 
@@ -466,6 +496,15 @@ int64_t set_cuda_wavefront_max(int64_t layers) {
 }
 
 int64_t last_cuda_wavefront_layers() { return last_wavefront_layers.load(); }
+
+int64_t last_cuda_row_groups(bool backward) { return last_row_groups[backward ? 1 : 0].load(); }
+
+// RNN_EXT_CUDA_ROW_SPLIT's value, set (clamped to 1 .. kMaxRowSplit); returns the previous one.
+// No op: the emulated glue's tests set it (tests/simt/glue_module.cpp).
+int64_t set_cuda_row_split_max(int64_t groups) {
+  const int64_t g = std::min<int64_t>(std::max<int64_t>(groups, 1), kMaxRowSplit);
+  return row_split_state().exchange(static_cast<int>(g));
+}
 
 std::string last_cuda_persistent_variant(bool backward) {
   const int v = last_variant[backward ? 1 : 0].load();
@@ -514,6 +553,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
   at::Tensor layer_in = x;
   int used = 0;     // bit 0: a step-path recurrence ran, bit 1: a persistent one
   int variant = 0;  // bit 0: the persistent FMA variant ran, bit 1: the tensor-core one
+  int row_groups = 0;  // the most row groups (P5) of a persistent launch (0: none ran)
   int64_t deepest = 0;
   for (int64_t l = 0; l < g.L;) {
     at::Tensor layer_out = out_of(l);
@@ -533,7 +573,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
     //    and direction and a gather of h_n.
     int64_t n = persistent_ok
                     ? try_persistent_forward(g, dt, w, l, h0, hy, use_dropout, out_of, prefs,
-                                             &variant, stream)
+                                             &variant, &row_groups, stream)
                     : 0;
     if (n > 0) {
       used |= 2;
@@ -584,6 +624,7 @@ ForwardResult rnn_forward_cuda(const at::Tensor& input, const at::Tensor& hx,
     last_kernel_used.store(static_cast<int>(used_of(used)));
     last_wavefront_layers.store(static_cast<int>(deepest));
     last_variant[0].store(variant);
+    last_row_groups[0].store(row_groups);
   }
   return {output, hy, ws, noise};
 }
@@ -725,6 +766,7 @@ BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   const gpu::PersistentPrefs prefs = current_prefs();
   int used = 0;     // bit 0: a step-path BPTT ran, bit 1: a persistent one
   int variant = 0;  // bit 0: the persistent FMA variant ran, bit 1: the tensor-core one
+  int row_groups = 0;  // the most row groups (P5) of a persistent launch (0: none ran)
 
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const at::Tensor layer_out = l == g.L - 1 ? out_top : ws[l];
@@ -744,7 +786,8 @@ BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
     // kernel per step and direction.
     const bool persistent =
         persistent_ok &&
-        try_persistent_backward(g, dt, wt, layer_out, dY, dZ, dh, prefs, &variant, stream);
+        try_persistent_backward(g, dt, wt, layer_out, dY, dZ, dh, prefs, &variant, &row_groups,
+                                stream);
     used |= persistent ? 2 : (g.N > 0 ? 1 : 0);
     for (int64_t d = 0; d < g.D; ++d) {
       const int64_t base = (l * g.D + d) * pc;
@@ -807,6 +850,7 @@ BackwardResult backward_cuda(const at::Tensor& input, const at::Tensor& hx,
   if (used != 0) {
     last_backward_kernel_used.store(static_cast<int>(used_of(used)));
     last_variant[1].store(variant);
+    last_row_groups[1].store(row_groups);
   }
   if (!grad_input.defined()) grad_input = at::empty({0}, opts);
   return {grad_input, grad_hx, grad_w};

@@ -70,13 +70,16 @@ def step_driver(tmp_path_factory):
 class Launch:
     """One emulated launch: named buffers (float64 files, the storage dtype inside) and cells."""
 
-    def __init__(self, kind, dtype, mma, T, B, H, relu=False, ld=None):
+    def __init__(self, kind, dtype, mma, T, B, H, relu=False, ld=None, split=None):
         # mma: False (FMA), True (tensor cores, 8-byte A loads) or "narrow" (tensor cores, the
         # mma layout's own k order with 4-byte A loads: PersistentPrefs.narrow_a_loads)
+        # split: (R, P), P5's row groups: R copies of the column blocks, P rows each
         self.head = dict(kind=kind, dtype=dtype, mma=int(bool(mma)), T=T, B=B, H=H,
                          relu=int(relu), narrow=int(mma == "narrow"))
         if ld is not None:
             self.head["ld"] = ld
+        if split is not None:
+            self.head["row_groups"], self.head["rows"] = split
         self.bufs, self.acc, self.cells = {}, set(), []
 
     def buffer(self, name, array, acc=False):
@@ -146,14 +149,14 @@ FWD_CASES = [
 
 
 @pytest.mark.parametrize("dtype,mma,T,B,H,relu", FWD_CASES)
-def test_forward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu):
+def test_forward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, split=None):
     rng = np.random.default_rng(T * 100 + B + H)
     D, DH = 2, 2 * H
     P = rnd(rng.standard_normal((T * B, DH)), dtype)      # projections, b_ih folded in
     W = [rnd(rng.standard_normal((H, H)) / math.sqrt(H), dtype) for _ in range(D)]
     b = [rnd(rng.standard_normal(H) * 0.1, dtype) for _ in range(D)]
     h0 = rnd(rng.standard_normal((D, B, H)) * 0.5, dtype)
-    lz = Launch("forward", dtype, mma, T, B, H, relu)
+    lz = Launch("forward", dtype, mma, T, B, H, relu, split=split)
     lz.buffer("out", P)
     lz.buffer("h0", h0)
     lz.buffer("hn", np.zeros((D, B, H)))
@@ -188,8 +191,8 @@ def test_forward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu):
 @pytest.mark.parametrize("dtype,mma,L,shared", [
     ("float", False, 3, False), ("float", False, 4, True), ("bfloat16", True, 3, True),
 ])
-def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared):
-    T, B, I = 4, 3, 5
+def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared, B=3, split=None):
+    T, I = 4, 5
     H = 16 if mma else 8
     rng = np.random.default_rng(L * 10 + int(shared))
     x = rng.standard_normal((T * B, I))
@@ -204,7 +207,7 @@ def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared):
             return "output"
         return f"scratch{m % 2}" if shared else f"ws{m}"
 
-    lz = Launch("forward", dtype, mma, T, B, H)
+    lz = Launch("forward", dtype, mma, T, B, H, split=split)
     P0 = rnd(x @ Wih[0].T + bih[0], dtype)  # layer 0's projection GEMM, into its buffer
     for m in range(L):
         if name(m) not in lz.bufs:
@@ -255,7 +258,8 @@ def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared):
     ("bfloat16", "narrow", 3, 3, 16, False, True),
     ("float", "narrow", 3, 2, 16, False, True),
 ])
-def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, with_dy):
+def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, with_dy,
+                                  split=None):
     D, DH = 2, 2 * H
     g = torch.Generator().manual_seed(T * 10 + B + H)
 
@@ -285,7 +289,7 @@ def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, w
     gh = r(D, B, H)
     torch.autograd.backward([out, hn] if with_dy else [hn], [go, gh] if with_dy else [gh])
 
-    lz = Launch("backward", dtype, mma, T, B, H, relu, ld=DH)
+    lz = Launch("backward", dtype, mma, T, B, H, relu, ld=DH, split=split)
     lz.buffer("h", out_r.numpy())
     if with_dy:
         lz.buffer("dy", go.numpy())
@@ -301,6 +305,38 @@ def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, w
     # the kernel's act' uses h as stored, so its own rounding is part of dtype's tolerance
     close(got["dz"].reshape(T, B, DH), P.grad.numpy(), tol)
     close(got["dh"].reshape(D, B, H), h0.grad.numpy(), tol)
+
+
+# ------------------------------------------------------------------------------------------
+# P5: the batch rows split into row groups, each with its own copy of the column blocks
+# (PersistentPrefs.max_row_groups); the last group may be partial.
+
+@pytest.mark.parametrize("dtype,mma,T,B,H,relu,split", [
+    ("float", False, 3, 9, 8, False, (3, 4)),       # groups of 4, 4, 1 rows (wk = 8)
+    ("float", False, 2, 40, 8, True, (2, 32)),      # wk = 1: one pass of 32 rows, then 8
+    ("half", False, 3, 20, 16, False, (3, 8)),      # wk = 4, groups of 8, 8, 4
+    ("bfloat16", True, 3, 33, 16, False, (3, 16)),  # m-tiles: 16, 16, 1 rows
+    ("half", True, 3, 20, 32, True, (2, 16)),      # (no narrow-load variant of P5)
+    ("float", True, 3, 24, 16, False, (2, 16)),     # TF32
+])
+def test_forward_row_groups(driver, tmp_path, dtype, mma, T, B, H, relu, split):
+    test_forward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, split=split)
+
+
+@pytest.mark.parametrize("dtype,mma,L,B,split", [
+    ("float", False, 3, 10, (3, 4)), ("bfloat16", True, 3, 20, (2, 16)),
+])
+def test_forward_wavefront_row_groups(driver, tmp_path, dtype, mma, L, B, split):
+    test_forward_wavefront(driver, tmp_path, dtype, mma, L, True, B=B, split=split)
+
+
+@pytest.mark.parametrize("dtype,mma,T,B,H,relu,split", [
+    ("float", False, 3, 9, 8, True, (3, 4)),
+    ("bfloat16", True, 3, 33, 16, False, (3, 16)),
+    ("float", True, 2, 20, 16, False, (2, 16)),
+])
+def test_backward_row_groups(driver, tmp_path, dtype, mma, T, B, H, relu, split):
+    test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, True, split=split)
 
 
 # ------------------------------------------------------------------------------------------
@@ -697,6 +733,54 @@ def test_cuda_backend_end_to_end(glue, case):
     close(ghx.double().numpy(), hd.grad.numpy(), tol * 2)
     for a, r in zip(gw, wd):
         close(a.double().numpy(), r.grad.numpy(), tol * 4)
+
+
+@pytest.mark.parametrize("args,want", [
+    ((1, 128, 32, 264, 4), (1, 128)),    # off
+    ((8, 128, 32, 264, 4), (8, 16)),     # 264 // 32 blocks: 8 groups of 16 rows
+    ((8, 128, 64, 264, 4), (4, 32)),     # co-residency: 264 // 64 = 4
+    ((3, 128, 32, 264, 4), (3, 44)),     # 43 rows rounded up to whole 4-row tiles
+    ((8, 40, 32, 264, 16), (2, 32)),     # tensor cores: 16-row m-tiles, 40 // 16 = 2 groups
+    ((8, 20, 32, 264, 16), (1, 20)),     # one m-tile's worth of rows: no split
+    ((8, 128, 300, 264, 4), (1, 128)),   # not even one copy more fits
+    ((8, 9, 32, 264, 4), (2, 8)),        # 9 rows: groups of 8 and 1
+])
+def test_persistent_row_groups_choice(glue, args, want):
+    """P5's choice (gpu::persistent_row_groups): (max groups, B, blocks, max co-resident,
+    row tile) -> (groups, rows per group)."""
+    assert tuple(glue.row_groups(*args)) == want
+
+
+# (GLUE_CASES' fields, then the row groups the forward and the backward must have launched)
+ROW_SPLIT_CASES = [
+    (("persistent", torch.float32, 3, 16, 5, 16, 2, False, False, True, None, 0.0, True,
+      "persistent", 2, "fma"), 4, 4),   # a wavefront of 2 layers, 4 groups of 4 rows
+    (("persistent", torch.float32, 3, 12, 5, 16, 1, True, True, True, None, 0.0, True,
+      "persistent", 1, "fma"), 3, 3),   # both directions, relu: 12 // 4 = 3 groups
+    (("persistent", torch.bfloat16, 3, 40, 4, 16, 2, True, False, True, None, 0.0, True,
+      "persistent", 1, "mma"), 2, 2),   # tensor cores: groups of 32 and 8 rows
+    (("persistent", torch.float32, 3, 16, 5, 16, 2, True, False, True, [3, 3, 3, 3] * 4, 0.5,
+      True, "persistent", 1, "fma"), 4, 4),  # packed (equal lengths), dropout
+]
+
+
+@pytest.mark.parametrize("case,fwd_groups,bwd_groups", ROW_SPLIT_CASES,
+                         ids=[_glue_ids(c[0]) for c in ROW_SPLIT_CASES])
+def test_cuda_backend_row_split(glue, case, fwd_groups, bwd_groups):
+    """RNN_EXT_CUDA_ROW_SPLIT (P5) through the whole backend: forward and backward against
+    the reference, and the row groups the persistent launches actually used."""
+    prev = glue.set_row_split(4)
+    try:
+        test_cuda_backend_end_to_end(glue, case)
+        assert glue.row_groups_used("forward") == fwd_groups
+        assert glue.row_groups_used("backward") == bwd_groups
+    finally:
+        glue.set_row_split(prev)
+        glue.set_kernel("step")
+    # off again: one group
+    test_cuda_backend_end_to_end(glue, case)
+    assert glue.row_groups_used("forward") == 1
+    glue.set_kernel("step")
 
 
 def test_cuda_backend_tf32_runs_on_tensor_cores(glue):

@@ -20,13 +20,22 @@ using namespace persistent_detail;
 
 // The kernel of a variant, typed (for the launch) and untyped (for the attribute queries).
 // narrow: the tensor-core variant's 4-byte A loads (PersistentPrefs::narrow_a_loads).
+// split: P5's row groups (no narrow variant of those: apply_row_groups keeps R = 1 there).
 template <typename T>
-auto forward_kernel(bool mma, bool narrow) {
+auto forward_kernel(bool mma, bool narrow, bool split = false) {
+  if (split) {
+    return mma ? &persistent_forward_kernel<T, true, false, true>
+               : &persistent_forward_kernel<T, false, false, true>;
+  }
   if (!mma) return &persistent_forward_kernel<T, false>;
   return narrow ? &persistent_forward_kernel<T, true, true> : &persistent_forward_kernel<T, true>;
 }
 template <typename T>
-auto backward_kernel(bool mma, bool narrow) {
+auto backward_kernel(bool mma, bool narrow, bool split = false) {
+  if (split) {
+    return mma ? &persistent_backward_kernel<T, true, false, true>
+               : &persistent_backward_kernel<T, false, false, true>;
+  }
   if (!mma) return &persistent_backward_kernel<T, false>;
   return narrow ? &persistent_backward_kernel<T, true, true>
                 : &persistent_backward_kernel<T, true>;
@@ -101,6 +110,18 @@ cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// P5: the row groups of a feasible plan (persistent_row_groups), applied to the plan's block
+// count; the rows per group for the kernel's parameters.  The block product's row tile: 16
+// (an m-tile) for the tensor-core variant, kRows for FMA.
+int apply_row_groups(const PersistentPrefs& prefs, int64_t B, PersistentPlan* plan,
+                     int64_t* rows_per_group) {
+  const int R = persistent_row_groups(prefs.narrow_a_loads ? 1 : prefs.max_row_groups, B,
+                                      plan->blocks, plan->max_coresident,
+                                      plan->mma ? 16 : kRows, rows_per_group);
+  plan->blocks *= R;
+  return R;
+}
+
 // The cooperative launch of a feasible plan; a launch refused for size (occupancy said yes,
 // the launch no, e.g. another context holds SMs) enqueues nothing and reports kCoResidency.
 // (The emulation in tests/simt/ runs the grid on host threads instead.)
@@ -161,8 +182,12 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
     return cudaSuccess;
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
-  ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-  return launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream, status);
+  int64_t rows = a.B;
+  const int R = apply_row_groups(a.prefs, a.B, &plan, &rows);
+  if (a.used_row_groups != nullptr) *a.used_row_groups = R;
+  ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), a.T + max_delay, R, rows};
+  return launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
+                status);
 }
 
 template <typename T>
@@ -191,8 +216,11 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
     return cudaSuccess;
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
-  BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(a.B)};
-  return launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream,
+  int64_t rows = a.B;
+  const int R = apply_row_groups(a.prefs, a.B, &plan, &rows);
+  if (a.used_row_groups != nullptr) *a.used_row_groups = R;
+  BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), R, rows};
+  return launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
                 status);
 }
 
@@ -236,6 +264,21 @@ cudaError_t persistent_backward(DType dtype, const PersistentBackward& args,
         return persistent_backward_t<decltype(tag)>(args, stream, status, used_mma);
       },
       status);
+}
+
+int persistent_row_groups(int max_groups, int64_t B, int64_t blocks, int64_t max_coresident,
+                          int64_t align, int64_t* rows_per_group) {
+  *rows_per_group = B;
+  if (max_groups <= 1 || B <= 0 || B > 0x7fffffffLL || blocks <= 0 || align <= 0) return 1;
+  int64_t R = std::min<int64_t>(max_groups, max_coresident / blocks);
+  R = std::min<int64_t>(R, B / align);  // at least one full row tile per group
+  if (R <= 1) return 1;
+  int64_t per = (B + R - 1) / R;
+  per = (per + align - 1) / align * align;  // whole row tiles
+  R = (B + per - 1) / per;                  // (no empty group)
+  if (R <= 1) return 1;
+  *rows_per_group = per;
+  return static_cast<int>(R);
 }
 
 cudaError_t persistent_plan(DType dtype, int64_t H, int cells, int64_t K_in, bool backward,

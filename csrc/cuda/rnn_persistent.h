@@ -73,11 +73,16 @@ struct PersistentPrefs {
   // register, instead of one 8-byte load per two registers (rnn_persistent_device.cuh; kept
   // to measure the two against each other)
   bool narrow_a_loads = false;
+  // P5 (bench/NOTES.md): split each cell's batch rows into up to this many row groups, each a
+  // copy of the cell's column blocks computing only its rows, as far as co-residency allows
+  // (more SMs share the L2 reads of h_{t-1} at small H).  1 = off, the launch above.
+  int max_row_groups = 1;
 };
 
 struct PersistentForward {
   PersistentCell cell[kMaxPersistentCells];
   PersistentPrefs prefs;
+  int* used_row_groups = nullptr;  // out (may be null): P5's row groups of the launch
   int cells = 0;
   int64_t T = 0;  // steps
   int64_t B = 0;  // rows per step (uniform)
@@ -98,6 +103,7 @@ struct PersistentBackwardCell {
 struct PersistentBackward {
   PersistentBackwardCell cell[2];
   PersistentPrefs prefs;
+  int* used_row_groups = nullptr;  // out (may be null): P5's row groups of the launch
   int cells = 0;
   int64_t T = 0, B = 0, H = 0;
   int64_t ld = 0;  // row stride of h, dy, dz (elements)
@@ -127,6 +133,13 @@ cudaError_t persistent_forward(DType dtype, const PersistentForward& args, cudaS
 cudaError_t persistent_backward(DType dtype, const PersistentBackward& args,
                                 cudaStream_t stream, PersistentStatus* status,
                                 bool* used_mma = nullptr);
+
+// P5's row groups for a launch of `blocks` blocks (cells x column blocks) over B rows, at most
+// `max_groups` and `max_coresident / blocks`, each group a multiple of `align` rows (the
+// block product's row tile) and at least that many: returns R >= 1 and the rows per group in
+// *rows_per_group (B when R == 1).
+int persistent_row_groups(int max_groups, int64_t B, int64_t blocks, int64_t max_coresident,
+                          int64_t align, int64_t* rows_per_group);
 
 // The shape of a launch on the current device, without launching: `cells` cells of hidden size
 // H, the widest projecting cell K_in columns wide (0: none projects), forward or backward

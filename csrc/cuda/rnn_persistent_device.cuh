@@ -501,18 +501,57 @@ struct MmaProduct {
 template <typename T, bool kMma, bool kNarrowA>
 using Product = std::conditional_t<kMma, MmaProduct<T, kNarrowA>, FmaProduct<T>>;
 
+// blocks_per_cell = row_groups x ceil(H / 8): block b of a cell computes column slice
+// b % ceil(H/8) for the rows [g rows_per_group, min(B, (g + 1) rows_per_group)), g = b /
+// ceil(H/8) (P5; one group of all rows by default).
 struct ForwardParams {
   PersistentForward a;
   int blocks_per_cell;
   int wk;
   int64_t supersteps;  // T + the largest delay
+  int row_groups = 1;
+  int64_t rows_per_group = INT64_MAX;
 };
 
 struct BackwardParams {
   PersistentBackward a;
   int blocks_per_cell;
   int wk;
+  int row_groups = 1;
+  int64_t rows_per_group = INT64_MAX;
 };
+
+// This block's column slice (j0) and rows [r_lo, r_hi) within its cell.  (32-bit rows in the
+// split kernels: persistent_row_groups splits only batches below 2^31 rows.)
+template <bool kSplit>
+struct BlockPlace {
+  using Row = std::conditional_t<kSplit, int, int64_t>;
+  int64_t j0;
+  Row r_lo, r_hi;
+};
+
+__device__ __forceinline__ BlockPlace<true> block_place(int cidx, int blocks_per_cell,
+                                                        int row_groups, int64_t rows_per_group,
+                                                        int64_t B) {
+  const int b = static_cast<int>(blockIdx.x) - cidx * blocks_per_cell;
+  const int cols = blocks_per_cell / row_groups;
+  const int g = b / cols;
+  const int rpg = static_cast<int>(rows_per_group);
+  const int r_lo = g * rpg;
+  const int r_hi = r_lo + rpg < static_cast<int>(B) ? r_lo + rpg : static_cast<int>(B);
+  return {static_cast<int64_t>(b - g * cols) * kCols, r_lo, r_hi};
+}
+
+template <bool kSplit>
+__device__ __forceinline__ BlockPlace<kSplit> place_of(int cidx, int blocks_per_cell,
+                                                       int row_groups, int64_t rows_per_group,
+                                                       int64_t B) {
+  if constexpr (kSplit) {
+    return block_place(cidx, blocks_per_cell, row_groups, rows_per_group, B);
+  } else {
+    return {static_cast<int64_t>(blockIdx.x - cidx * blocks_per_cell) * kCols, 0, B};
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
@@ -520,14 +559,17 @@ struct BackwardParams {
 // __grid_constant__: the cell table is indexed by a block-dependent value without a copy to
 // local memory (sm_70+).
 // kNarrowA: the tensor-core variant with the mma layout's 4-byte A loads (MmaProduct).
-template <typename T, bool kMma, bool kNarrowA = false>
+// kSplit: P5's row groups (p.row_groups > 1); a kernel of its own so that the launch without
+// them keeps its registers (the row range costs some: ptxas spilled in the forward kernels).
+template <typename T, bool kMma, bool kNarrowA = false, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_forward_kernel(const __grid_constant__ ForwardParams p) {
   unsigned char* const smem = dynamic_smem();
   const int cidx = static_cast<int>(blockIdx.x) / p.blocks_per_cell;
   const PersistentCell& cell = p.a.cell[cidx];
   const int64_t H = p.a.H, B = p.a.B, steps = p.a.T, ld = cell.ld;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x - cidx * p.blocks_per_cell) * kCols;
+  const auto place = place_of<kSplit>(cidx, p.blocks_per_cell, p.row_groups, p.rows_per_group, B);
+  const int64_t j0 = place.j0;
   const bool project = cell.w_ih != nullptr;
 
   // 1. The block's weight slice into shared memory / registers, once.
@@ -558,8 +600,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       T* const zt = out + t * B * ld;
       const T* const xt = project ? x + t * B * cell.ld_x : nullptr;
       const bool last = i == steps - 1;
-      for (int64_t pass = 0; pass < B; pass += prod.rows_per_pass()) {
-        prod.pass(xt, cell.ld_x, hprev, ldh, pass, B, true, [&](int64_t r, int j, float sum) {
+      for (int64_t pass = place.r_lo; pass < place.r_hi; pass += prod.rows_per_pass()) {
+        prod.pass(xt, cell.ld_x, hprev, ldh, pass, place.r_hi, true, [&](int64_t r, int j, float sum) {
           T* const zp = zt + r * ld + j;
           float z = project ? 0.f : to_acc(__ldcg(zp));  // P_t, or the in-kernel projection
           if (b_hh != nullptr) z += to_acc(b_hh[j]);
@@ -574,14 +616,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, bool kMma, bool kNarrowA = false>
+template <typename T, bool kMma, bool kNarrowA = false, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_backward_kernel(const __grid_constant__ BackwardParams p) {
   unsigned char* const smem = dynamic_smem();
   const int cidx = static_cast<int>(blockIdx.x) / p.blocks_per_cell;
   const PersistentBackwardCell& cell = p.a.cell[cidx];
   const int64_t H = p.a.H, B = p.a.B, steps = p.a.T, ld = p.a.ld;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x - cidx * p.blocks_per_cell) * kCols;
+  const auto place = place_of<kSplit>(cidx, p.blocks_per_cell, p.row_groups, p.rows_per_group, B);
+  const int64_t j0 = place.j0;
 
   Product<T, kMma, kNarrowA> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
   prod.init(smem, nullptr, 0, static_cast<const T*>(cell.wt_hh), H, j0, p.wk);
@@ -600,8 +643,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t t = cell.reverse ? i : steps - 1 - i;   // valid for i < steps
     const int64_t tp = cell.reverse ? i - 1 : steps - i;  // valid for i > 0
     const T* const dzp = i > 0 ? dz + tp * B * ld : nullptr;
-    for (int64_t pass = 0; pass < B; pass += prod.rows_per_pass()) {
-      prod.pass(nullptr, 0, dzp, ld, pass, B, i > 0, [&](int64_t r, int j, float sum) {
+    for (int64_t pass = place.r_lo; pass < place.r_hi; pass += prod.rows_per_pass()) {
+      prod.pass(nullptr, 0, dzp, ld, pass, place.r_hi, i > 0, [&](int64_t r, int j, float sum) {
         float gsum = i > 0 ? sum : dh[r * H + j];
         if (i < steps) {
           const int64_t o = (t * B + r) * ld + j;

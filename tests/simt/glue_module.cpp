@@ -3,11 +3,14 @@
 #include <torch/extension.h>
 
 #include "rnn_ext.h"
+#include "cuda/rnn_persistent.h"
 
 namespace rnn_ext {
 std::string set_cuda_kernel_mode(const std::string& name);
 std::string last_cuda_kernel_used(bool backward);
 int64_t last_cuda_wavefront_layers();
+int64_t set_cuda_row_split_max(int64_t groups);
+int64_t last_cuda_row_groups(bool backward);
 std::string last_cuda_persistent_variant(bool backward);
 }  // namespace rnn_ext
 
@@ -49,6 +52,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_used",
         [](const std::string& phase) { return rnn_ext::last_cuda_kernel_used(phase == "backward"); });
   m.def("wavefront_layers", &rnn_ext::last_cuda_wavefront_layers);
+  m.def("set_row_split", &rnn_ext::set_cuda_row_split_max);
+  m.def("row_groups_used",
+        [](const std::string& phase) { return rnn_ext::last_cuda_row_groups(phase == "backward"); });
+  m.def("row_groups", [](int max_groups, int64_t B, int64_t blocks, int64_t max_coresident,
+                         int64_t align) {
+    int64_t rows = 0;
+    const int R = rnn_ext::gpu::persistent_row_groups(max_groups, B, blocks, max_coresident,
+                                                      align, &rows);
+    return std::make_tuple(R, rows);
+  });
   m.def("variant", [](const std::string& phase) {
     return rnn_ext::last_cuda_persistent_variant(phase == "backward");
   });

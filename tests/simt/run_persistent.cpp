@@ -11,6 +11,8 @@
 //   blocks N             launch only the first N blocks (default: all); with the other blocks'
 //                        columns of what they would have written prefilled, one block can run
 //                        a wide layer on few host threads
+//   row_groups R rows P  P5: each cell's column blocks R times, group g computing rows
+//                        [g P, min(B, (g + 1) P)) (default: one group of all rows)
 //   cell key=value ...   one cell; pointers are NAME or NAME+OFFSET (elements), "-" = null
 //     forward:  w_ih b_ih x K_in ld_x w_hh b_hh h0 out ld hn reverse delay
 //     backward: wt_hh h dy dz dh reverse
@@ -61,7 +63,9 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
   const int64_t T_ = std::stoll(kv["T"]), B = std::stoll(kv["B"]), H = std::stoll(kv["H"]);
   const bool relu = kv["relu"] == "1", mma = kv["mma"] == "1";
   const bool narrow = kv.count("narrow") != 0 && kv["narrow"] == "1";  // narrow_a_loads
-  const int bpc = static_cast<int>((H + kCols - 1) / kCols);
+  const int R = kv.count("row_groups") ? std::stoi(kv["row_groups"]) : 1;
+  const int64_t rows = R > 1 ? std::stoll(kv.at("rows")) : B;
+  const int bpc = static_cast<int>((H + kCols - 1) / kCols) * R;
   const int64_t all = static_cast<int64_t>(cells.size()) * bpc;
   const unsigned grid = static_cast<unsigned>(
       kv.count("blocks") ? std::min<int64_t>(all, std::stoll(kv["blocks"])) : all);
@@ -94,12 +98,20 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
       max_delay = std::max<int64_t>(max_delay, pc.delay);
     }
     p.blocks_per_cell = bpc;
-    p.wk = warps_per_group(B);
+    p.wk = warps_per_group(rows);
     p.supersteps = T_ + max_delay;
+    p.row_groups = R;
+    p.rows_per_group = R > 1 ? rows : INT64_MAX;
     const size_t smem = mma ? static_cast<size_t>(kWarps) * kMmaRows * kCols * 4
                             : static_cast<size_t>(kCols) * (K_in + H) * sizeof(T) + kWarps * 32 * 4;
     simt::launch(grid, kThreads, smem, [&] {
-      if (mma && narrow) {
+      if (R > 1) {  // P5's kernels (no narrow variant)
+        if (mma) {
+          persistent_forward_kernel<T, true, false, true>(p);
+        } else {
+          persistent_forward_kernel<T, false, false, true>(p);
+        }
+      } else if (mma && narrow) {
         persistent_forward_kernel<T, true, true>(p);
       } else if (mma) {
         persistent_forward_kernel<T, true>(p);
@@ -126,11 +138,19 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
       pc.reverse = get(c, "reverse", "0") == "1";
     }
     p.blocks_per_cell = bpc;
-    p.wk = warps_per_group(B);
+    p.wk = warps_per_group(rows);
+    p.row_groups = R;
+    p.rows_per_group = R > 1 ? rows : INT64_MAX;
     const size_t smem = mma ? static_cast<size_t>(kWarps) * kMmaRows * kCols * 4
                             : static_cast<size_t>(kCols) * H * sizeof(T) + kWarps * 32 * 4;
     simt::launch(grid, kThreads, smem, [&] {
-      if (mma && narrow) {
+      if (R > 1) {
+        if (mma) {
+          persistent_backward_kernel<T, true, false, true>(p);
+        } else {
+          persistent_backward_kernel<T, false, false, true>(p);
+        }
+      } else if (mma && narrow) {
         persistent_backward_kernel<T, true, true>(p);
       } else if (mma) {
         persistent_backward_kernel<T, true>(p);
