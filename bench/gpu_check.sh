@@ -29,9 +29,9 @@
 #                     off for both
 #   bench_tf32_off    the same with the persistent kernels everywhere (tuning data)
 #   issue5_summary    issue 5's targets from the default's grid (else the persistent one's)
-#   bench_narrow_a    bf16, B in {32,128}, H in {512,1024} again with the tensor-core kernels' old
-#                     4-byte A-fragment loads (RNN_EXT_CUDA_MMA_NARROW_A=1), if >= 60 s are left
-#   narrow_a_compare  8-byte against 4-byte loads on those points (bench/narrow_a_compare.py)
+#   bench_row_split   B in {32,128}, every H, fp32 and bf16, the persistent kernels with P5's
+#                     row groups (RNN_EXT_CUDA_ROW_SPLIT=8), if >= 60 s are left
+#   row_split_compare with against without on those points (bench/ab_compare.py)
 #   bench_tf32_on     the same grid with TF32 on for both, if >= 90 s are left
 # A persistent stage that hangs (its timeout, pytest-timeout's, or a sanitizer's timeout in a
 # persistent case) makes the later stages run the step kernels only.  No CPU-only test runs here.  Exit status: non-zero when the build or the
@@ -385,24 +385,25 @@ if [ "${RC[build]}" = 0 ]; then
   else
     skip_stage issue5_summary "no default or persistent bench results"
   fi
-  # the tensor-core variant's A-fragment loads, 8-byte (default, above) against 4-byte
-  NGRID="512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
+  # P5's row groups (RNN_EXT_CUDA_ROW_SPLIT=8) against the persistent kernels without them,
+  # where they should matter: B in {32, 128}, every H, fp32 and bf16
+  SGRID="512,32,256,256,2;512,128,256,256,2;512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
   if [ "$KERNEL" != persistent ]; then
-    skip_stage bench_narrow_a "a persistent stage hung"
-    skip_stage narrow_a_compare "a persistent stage hung"
+    skip_stage bench_row_split "a persistent stage hung"
+    skip_stage row_split_compare "a persistent stage hung"
   elif [ "$(left)" -ge 60 ]; then
-    run_stage bench_narrow_a 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_MMA_NARROW_A=1 \
-      "$PY" bench/bench.py --device cuda --grid "$NGRID" --dtypes bfloat16 --modes fwd,train \
+    run_stage bench_row_split 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_ROW_SPLIT=8 \
+      "$PY" bench/bench.py --device cuda --grid "$SGRID" --dtypes float32,bfloat16 --modes fwd,train \
       --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
-      --no-plots --no-progress --tf32 off --name persistent_fwd_narrow_a
-    if [ -f "$WORK/persistent_fwd_narrow_a.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
-      run_stage narrow_a_compare 20 "" "$PY" bench/narrow_a_compare.py "$WORK"
+      --no-plots --no-progress --tf32 off --name persistent_fwd_row_split
+    if [ -f "$WORK/persistent_fwd_row_split.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+      run_stage row_split_compare 20 "" "$PY" bench/ab_compare.py "$WORK" persistent_fwd persistent_fwd_row_split
     else
-      skip_stage narrow_a_compare "no bench results for both loads"
+      skip_stage row_split_compare "no bench results for both"
     fi
   else
-    skip_stage bench_narrow_a "under 60 s left"
-    skip_stage narrow_a_compare "under 60 s left"
+    skip_stage bench_row_split "under 60 s left"
+    skip_stage row_split_compare "under 60 s left"
   fi
   if [ "$(left)" -ge 90 ]; then
     run_stage bench_tf32_on 150 "rnn_ext kernel: $KERNEL" env RNN_EXT_CUDA_KERNEL=$KERNEL \
@@ -414,8 +415,8 @@ else
   skip_stage bench_default "no build"
   skip_stage bench_tf32_off "no build"
   skip_stage issue5_summary "no build"
-  skip_stage bench_narrow_a "no build"
-  skip_stage narrow_a_compare "no build"
+  skip_stage bench_row_split "no build"
+  skip_stage row_split_compare "no build"
   skip_stage bench_tf32_on "no build"
 fi
 

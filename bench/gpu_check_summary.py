@@ -110,7 +110,7 @@ def bench_result(work, name):
         res["targets_met"] = s.get("targets_met")
     # the --name each bench stage writes (gpu_check.sh)
     stems = {"bench_default": ("default_fwd",), "bench_tf32_off": ("persistent_fwd", "step_fwd"),
-             "bench_narrow_a": ("persistent_fwd_narrow_a",),
+             "bench_row_split": ("persistent_fwd_row_split",),
              "bench_tf32_on": ("persistent_fwd_tf32", "step_fwd_tf32")}.get(name, ())
     for f in sorted(os.listdir(work)):
         if f.endswith(".cudnn.json") and f[: -len(".cudnn.json")] in stems:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["env", "build", "cuda_tests", "persistent_tests", "sanitizer_memcheck",
           "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_default",
-          "bench_tf32_off", "issue5_summary", "bench_narrow_a", "narrow_a_compare", "bench_tf32_on"]
+          "bench_tf32_off", "issue5_summary", "bench_row_split", "row_split_compare", "bench_tf32_on"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None
                                 or shutil.which("timeout") is None,
@@ -64,13 +64,13 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert summary["meta"]["verdict"].startswith("PASS")
     # every stage that ran has its log in the archive, and its command in it
     for name in STAGES:
-        if name not in ("issue5_summary", "narrow_a_compare"):
+        if name not in ("issue5_summary", "row_split_compare"):
             assert stages[name]["status"] == "ok", stages[name]
             assert f"DRY RUN stub for stage {name}:" in logs[name]
     assert stages["issue5_summary"]["status"] == "skipped"  # the stubbed bench writes no JSON
-    assert stages["narrow_a_compare"]["status"] == "skipped"
-    assert "RNN_EXT_CUDA_MMA_NARROW_A=1" in logs["bench_narrow_a"]
-    assert "RNN_EXT_CUDA_MMA_NARROW_A" not in logs["bench_tf32_off"]
+    assert stages["row_split_compare"]["status"] == "skipped"
+    assert "RNN_EXT_CUDA_ROW_SPLIT=8" in logs["bench_row_split"]
+    assert "RNN_EXT_CUDA_ROW_SPLIT" not in logs["bench_tf32_off"]
     assert "gpu_check/cuda_tests.xml" in names and "gpu_check/meta.json" in names
     # the summary file: one line per stage, in order, with the parsed results
     rows = [line.split()[0] for line in text.splitlines()[4:4 + len(STAGES)]]
@@ -115,7 +115,7 @@ def test_hung_persistent_stage_still_yields_results_and_skips_persistent(tmp_pat
         assert "step kernels only" in stages[f"sanitizer_{tool}"]["detail"]
     assert "RNN_EXT_CUDA_KERNEL=step" in logs["bench_tf32_off"]
     assert stages["bench_default"]["status"] == "skipped"  # "auto" would run persistent kernels
-    assert stages["bench_narrow_a"]["status"] == "skipped"
+    assert stages["bench_row_split"]["status"] == "skipped"
     assert "persistent_tests     timeout" in text
 
 
@@ -199,26 +199,27 @@ def test_summary_reads_real_outputs(tmp_path):
     assert "2 errors in rnn_ext's kernels, 1 warnings; 2 cases (1 persistent), 1 off" in text
 
 
-def test_narrow_a_compare_pairs_rows(tmp_path):
-    """bench/narrow_a_compare.py (run on the GPU after bench_narrow_a): pairs the two runs'
-    rows by point and reports 4-byte / 8-byte per point, their geomean and cuDNN's drift."""
+def test_ab_compare_pairs_rows(tmp_path):
+    """bench/ab_compare.py (run on the GPU after bench_row_split): pairs two runs' rows by
+    point and reports B / A per point, their geomean and cuDNN's drift."""
     def rows(scale_ext, scale_cudnn):
         return {"rows": [dict(mode=m, dtype="bfloat16", T=512, B=B, I=H, H=H, L=2,
                               rnn_ext_ms=scale_ext * B * H / 1e4, cudnn_ms=scale_cudnn * H / 100)
                          for m in ("fwd", "train") for B in (32, 128) for H in (512, 1024)]}
     (tmp_path / "persistent_fwd.cudnn.json").write_text(json.dumps(rows(1.0, 1.0)))
-    narrow = rows(1.25, 1.1)
-    narrow["rows"] = narrow["rows"][1:]  # a point missing from one run is left out
-    (tmp_path / "persistent_fwd_narrow_a.cudnn.json").write_text(json.dumps(narrow))
-    res = subprocess.run([sys.executable, str(REPO / "bench" / "narrow_a_compare.py"),
-                          str(tmp_path)], capture_output=True, text=True)
+    other = rows(1.25, 1.1)
+    other["rows"] = other["rows"][1:]  # a point missing from one run is left out
+    (tmp_path / "persistent_fwd_row_split.cudnn.json").write_text(json.dumps(other))
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "ab_compare.py"), str(tmp_path),
+                          "persistent_fwd", "persistent_fwd_row_split"],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    out = json.loads((tmp_path / "narrow_a_compare.json").read_text())
+    out = json.loads((tmp_path / "persistent_fwd_row_split_compare.json").read_text())
     assert len(out["rows"]) == 7
-    assert all(abs(r["narrow_over_wide"] - 1.25) < 1e-12 and abs(r["cudnn_drift"] - 1.1) < 1e-12
+    assert all(abs(r["b_over_a"] - 1.25) < 1e-12 and abs(r["cudnn_drift"] - 1.1) < 1e-12
                for r in out["rows"])
-    assert abs(out["geomean_narrow_over_wide"] - 1.25) < 1e-12
-    assert "4-byte/8-byte 1.250" in res.stdout
+    assert abs(out["geomean_b_over_a"] - 1.25) < 1e-12
+    assert "B/A 1.250" in res.stdout
 
 
 def test_sanitizer_crash_runs_the_remaining_cases(tmp_path):
