@@ -56,6 +56,18 @@ bool use_mma(const PersistentPrefs& prefs, int64_t H, int64_t K_in, int cc_major
          H % kK == 0 && K_in % kK == 0 && (K_in + H) / kK <= 8 * kMaxKTiles;
 }
 
+// Lets `kernel` (attributes fa) take `smem` bytes of dynamic shared memory (above the default
+// 48 KiB it must be allowed per kernel function) and returns its resident blocks per SM.
+cudaError_t prepare_kernel(const void* kernel, const cudaFuncAttributes& fa, int smem,
+                           int* per_sm) {
+  if (smem > fa.maxDynamicSharedSizeBytes) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kThreads, smem);
+}
+
 template <typename T>
 cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
                    const PersistentPrefs& prefs, PersistentPlan* plan) {
@@ -95,13 +107,8 @@ cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
     plan->status = PersistentStatus::kSharedMemory;
     return cudaSuccess;
   }
-  const int smem = static_cast<int>(plan->smem_bytes);
-  if (smem > fa.maxDynamicSharedSizeBytes) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  err = prepare_kernel(kernel, fa, static_cast<int>(plan->smem_bytes), &per_sm);
   if (err != cudaSuccess) return err;
   plan->max_coresident = per_sm * sms;
   if (blocks > plan->max_coresident) plan->status = PersistentStatus::kCoResidency;
@@ -113,10 +120,30 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // P5: the row groups of a feasible plan (persistent_row_groups), applied to the plan's block
 // count; the rows per group for the kernel's parameters.  The block product's row tile: 16
 // (an m-tile) for the tensor-core variant, kRows for FMA.
-int apply_row_groups(const PersistentPrefs& prefs, int64_t B, PersistentPlan* plan,
-                     int64_t* rows_per_group) {
-  const int R = persistent_row_groups(prefs.narrow_a_loads ? 1 : prefs.max_row_groups, B,
-                                      plan->blocks, plan->max_coresident,
+// The split kernel is a function of its own: its dynamic shared memory is allowed and its
+// co-residency asked here (the plan's are the unsplit kernel's); any error: no groups.
+int apply_row_groups(const PersistentPrefs& prefs, int64_t B, const void* split_kernel,
+                     PersistentPlan* plan, int64_t* rows_per_group) {
+  *rows_per_group = B;
+  const int want = prefs.narrow_a_loads && plan->mma ? 1 : prefs.max_row_groups;
+  int64_t unused = 0;
+  if (persistent_row_groups(want, B, plan->blocks, plan->max_coresident,
+                            plan->mma ? 16 : kRows, &unused) <= 1) {
+    return 1;
+  }
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaFuncAttributes fa{};
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&fa, split_kernel) != cudaSuccess ||
+      prepare_kernel(split_kernel, fa, static_cast<int>(plan->smem_bytes), &per_sm) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  const int64_t coresident = std::min<int64_t>(plan->max_coresident,
+                                               static_cast<int64_t>(per_sm) * sms);
+  const int R = persistent_row_groups(want, B, plan->blocks, coresident,
                                       plan->mma ? 16 : kRows, rows_per_group);
   plan->blocks *= R;
   return R;
@@ -183,11 +210,21 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   int64_t rows = a.B;
-  const int R = apply_row_groups(a.prefs, a.B, &plan, &rows);
+  const int R = apply_row_groups(
+      a.prefs, a.B, reinterpret_cast<const void*>(forward_kernel<T>(plan.mma, false, true)),
+      &plan, &rows);
   if (a.used_row_groups != nullptr) *a.used_row_groups = R;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), a.T + max_delay, R, rows};
-  return launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
-                status);
+  err = launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
+               status);
+  if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
+    // the row groups' extra blocks refused (another context holds SMs): without them
+    plan.blocks /= R;
+    prm = ForwardParams{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
+    if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
+    err = launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream, status);
+  }
+  return err;
 }
 
 template <typename T>
@@ -217,11 +254,21 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
   int64_t rows = a.B;
-  const int R = apply_row_groups(a.prefs, a.B, &plan, &rows);
+  const int R = apply_row_groups(
+      a.prefs, a.B, reinterpret_cast<const void*>(backward_kernel<T>(plan.mma, false, true)),
+      &plan, &rows);
   if (a.used_row_groups != nullptr) *a.used_row_groups = R;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), R, rows};
-  return launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
-                status);
+  err = launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
+               status);
+  if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
+    plan.blocks /= R;  // as the forward: without the groups
+    prm = BackwardParams{a, plan.blocks / a.cells, warps_per_group(a.B)};
+    if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
+    err = launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream,
+                 status);
+  }
+  return err;
 }
 
 template <typename F>

@@ -7,7 +7,9 @@
 //
 // Launch: one cooperative grid of cells * ceil(H / kCols) blocks of kThreads threads.  Block b
 // belongs to cell b / blocks_per_cell and owns its kCols output columns
-// j0 = kCols * (b mod blocks_per_cell) .. j0 + kCols - 1.
+// j0 = kCols * (b mod blocks_per_cell) .. j0 + kCols - 1.  With P5's row groups (the kSplit
+// kernels) a cell has row_groups copies of its ceil(H / kCols) column blocks, copy g computing
+// only the rows [g rows_per_group, min(B, (g + 1) rows_per_group)) (block_place).
 //
 // Shared memory (dynamic): ws = the block's weight slice, kCols rows of ldw elements in the
 // storage dtype (zero rows for j >= H), loaded once:
@@ -538,7 +540,7 @@ __device__ __forceinline__ BlockPlace<true> block_place(int cidx, int blocks_per
   const int g = b / cols;
   const int rpg = static_cast<int>(rows_per_group);
   const int r_lo = g * rpg;
-  const int r_hi = r_lo + rpg < static_cast<int>(B) ? r_lo + rpg : static_cast<int>(B);
+  const int r_hi = rpg < static_cast<int>(B) - r_lo ? r_lo + rpg : static_cast<int>(B);  // (no overflow)
   return {static_cast<int64_t>(b - g * cols) * kCols, r_lo, r_hi};
 }
 
