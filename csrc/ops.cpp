@@ -69,10 +69,10 @@ std::string cuda_persistent_variant(const std::string& phase) {
 }
 #else
 std::string set_cuda_kernel(const std::string& name) {
-  static std::string current = [] {  // as the CUDA build: RNN_EXT_CUDA_KERNEL, else "step"
+  static std::string current = [] {  // as the CUDA build: RNN_EXT_CUDA_KERNEL, else "auto"
     const char* env = std::getenv("RNN_EXT_CUDA_KERNEL");
     const std::string v = env != nullptr ? env : "";
-    return v == "auto" || v == "persistent" || v == "persistent_fma" ? v : std::string("step");
+    return v == "step" || v == "persistent" || v == "persistent_fma" ? v : std::string("auto");
   }();
   TORCH_CHECK(name == "auto" || name == "step" || name == "persistent" || name == "persistent_fma",
               "rnn_ext.set_cuda_kernel: unknown kernel '", name,

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -82,12 +85,26 @@ def test_cpu_forward_does_not_change_cuda_kernel_used(restore_kernel):
 
 @pytest.mark.parametrize("bad", ["", "Persistent", "cudnn", "step "])
 def test_switch_rejects_unknown_names(bad, restore_kernel):
+    rnn_ext.set_cuda_kernel("persistent_fma")
     with pytest.raises(ValueError, match="unknown kernel"):
         rnn_ext.set_cuda_kernel(bad)
     with pytest.raises(RuntimeError, match="unknown kernel"):
         torch.ops.rnn_ext.set_cuda_kernel(bad)
     # the setting is unchanged by a rejected call
-    assert rnn_ext.set_cuda_kernel("step") == "step"
+    assert rnn_ext.set_cuda_kernel("step") == "persistent_fma"
+
+
+@pytest.mark.parametrize("env,want", [(None, "auto"), ("step", "step"), ("bogus", "auto")])
+def test_switch_starts_from_the_environment_or_auto(env, want):
+    """The switch starts at RNN_EXT_CUDA_KERNEL, else "auto" (the default: persistent where it
+    measured faster), on CUDA and CPU-only builds alike."""
+    e = {k: v for k, v in os.environ.items() if k != "RNN_EXT_CUDA_KERNEL"}
+    if env is not None:
+        e["RNN_EXT_CUDA_KERNEL"] = env
+    res = subprocess.run([sys.executable, "-c", "import rnn_ext; print(rnn_ext.set_cuda_kernel('step'))"],
+                         capture_output=True, text=True, env=e, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == want
 
 
 def test_switch_rejects_non_strings():
