@@ -28,6 +28,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_ext
+from conftest import no_tf32 as exact_fp32
 
 
 def _cuda_ready() -> bool:
@@ -685,13 +686,8 @@ def test_feasibility_arithmetic():
 
 @pytest.fixture
 def no_tf32():
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with exact_fp32():
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _modules(I, H, L, bi, relu, dtype, seed=0):
