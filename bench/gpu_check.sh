@@ -32,6 +32,8 @@
 #   bench_row_split   B in {32,128}, every H, fp32 and bf16, the persistent kernels with P5's
 #                     row groups (RNN_EXT_CUDA_ROW_SPLIT=8), if >= 60 s are left
 #   row_split_compare with against without on those points (bench/ab_compare.py)
+#   bench_crossover   the persistent and the step kernels at B in {48, 64, 96}, H in {512, 1024}
+#                     ("auto"'s crossover), if >= 75 s are left
 #   bench_tf32_on     the same grid with TF32 on for both, if >= 90 s are left
 # A persistent stage that hangs (its timeout, pytest-timeout's, or a sanitizer's timeout in a
 # persistent case) makes the later stages run the step kernels only.  No CPU-only test runs here.  Exit status: non-zero when the build or the
@@ -405,6 +407,19 @@ if [ "${RC[build]}" = 0 ]; then
     skip_stage bench_row_split "under 60 s left"
     skip_stage row_split_compare "under 60 s left"
   fi
+  # "auto"'s crossover between the two kernels (B = 33-127 unmeasured on 2026-11-30): the
+  # persistent and the step kernels at B in {48, 64, 96}, H in {512, 1024}
+  XGRID="512,48,512,512,2;512,64,512,512,2;512,96,512,512,2;512,48,1024,1024,2;512,64,1024,1024,2;512,96,1024,1024,2"
+  XBENCH=("$PY" bench/bench.py --device cuda --grid "$XGRID" --dtypes float32,bfloat16 --modes fwd,train
+          --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK"
+          --no-plots --no-progress --tf32 off)
+  if [ "$KERNEL" != persistent ]; then
+    skip_stage bench_crossover "a persistent stage hung"
+  elif [ "$(left)" -ge 75 ]; then
+    run_stage bench_crossover 75 "" bash -c 'RNN_EXT_CUDA_KERNEL=persistent "$@" --name crossover_persistent && RNN_EXT_CUDA_KERNEL=step "$@" --name crossover_step' _ "${XBENCH[@]}"
+  else
+    skip_stage bench_crossover "under 75 s left"
+  fi
   if [ "$(left)" -ge 90 ]; then
     run_stage bench_tf32_on 150 "rnn_ext kernel: $KERNEL" env RNN_EXT_CUDA_KERNEL=$KERNEL \
       "${BENCH[@]}" --tf32 on --name "${name}_tf32"
@@ -417,6 +432,7 @@ else
   skip_stage issue5_summary "no build"
   skip_stage bench_row_split "no build"
   skip_stage row_split_compare "no build"
+  skip_stage bench_crossover "no build"
   skip_stage bench_tf32_on "no build"
 fi
 

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["env", "build", "cuda_tests", "persistent_tests", "sanitizer_memcheck",
           "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_default",
-          "bench_tf32_off", "issue5_summary", "bench_row_split", "row_split_compare", "bench_tf32_on"]
+          "bench_tf32_off", "issue5_summary", "bench_row_split", "row_split_compare", "bench_crossover",
+          "bench_tf32_on"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None
                                 or shutil.which("timeout") is None,
@@ -71,6 +72,8 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert stages["row_split_compare"]["status"] == "skipped"
     assert "RNN_EXT_CUDA_ROW_SPLIT=8" in logs["bench_row_split"]
     assert "RNN_EXT_CUDA_ROW_SPLIT" not in logs["bench_tf32_off"]
+    # the crossover stage runs both kernels, one after the other
+    assert "--name crossover_persistent" in logs["bench_crossover"]
     assert "gpu_check/cuda_tests.xml" in names and "gpu_check/meta.json" in names
     # the summary file: one line per stage, in order, with the parsed results
     rows = [line.split()[0] for line in text.splitlines()[4:4 + len(STAGES)]]
@@ -116,6 +119,7 @@ def test_hung_persistent_stage_still_yields_results_and_skips_persistent(tmp_pat
     assert "RNN_EXT_CUDA_KERNEL=step" in logs["bench_tf32_off"]
     assert stages["bench_default"]["status"] == "skipped"  # "auto" would run persistent kernels
     assert stages["bench_row_split"]["status"] == "skipped"
+    assert stages["bench_crossover"]["status"] == "skipped"
     assert "persistent_tests     timeout" in text
 
 
