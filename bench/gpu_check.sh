@@ -32,6 +32,9 @@
 #   bench_row_split   B in {32,128}, every H, fp32 and bf16, the persistent kernels with P5's
 #                     row groups (RNN_EXT_CUDA_ROW_SPLIT=8), if >= 60 s are left
 #   row_split_compare with against without on those points (bench/ab_compare.py)
+#   bench_grouped_a   bf16, B in {32,128}, H in {512,1024}: the tensor-core kernels' A loads per
+#                     group of m-tiles (RNN_EXT_CUDA_MMA_GROUPED_A=1, P3b), if >= 60 s are left
+#   grouped_a_compare with against without on those points (bench/ab_compare.py)
 #   bench_crossover   the persistent and the step kernels at B in {48, 64, 96}, H in {512, 1024}
 #                     ("auto"'s crossover), if >= 75 s are left
 #   bench_tf32_on     the same grid with TF32 on for both, if >= 90 s are left
@@ -407,6 +410,26 @@ if [ "${RC[build]}" = 0 ]; then
     skip_stage bench_row_split "under 60 s left"
     skip_stage row_split_compare "under 60 s left"
   fi
+  # P3b: the tensor-core kernels' A loads issued per group of m-tiles (RNN_EXT_CUDA_MMA_GROUPED_A=1)
+  # against the default loads, bf16 where the loads were measured to matter
+  GGRID="512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
+  if [ "$KERNEL" != persistent ]; then
+    skip_stage bench_grouped_a "a persistent stage hung"
+    skip_stage grouped_a_compare "a persistent stage hung"
+  elif [ "$(left)" -ge 60 ]; then
+    run_stage bench_grouped_a 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_MMA_GROUPED_A=1 \
+      "$PY" bench/bench.py --device cuda --grid "$GGRID" --dtypes bfloat16 --modes fwd,train \
+      --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
+      --no-plots --no-progress --tf32 off --name persistent_fwd_grouped_a
+    if [ -f "$WORK/persistent_fwd_grouped_a.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+      run_stage grouped_a_compare 20 "" "$PY" bench/ab_compare.py "$WORK" persistent_fwd persistent_fwd_grouped_a
+    else
+      skip_stage grouped_a_compare "no bench results for both"
+    fi
+  else
+    skip_stage bench_grouped_a "under 60 s left"
+    skip_stage grouped_a_compare "under 60 s left"
+  fi
   # "auto"'s crossover between the two kernels (B = 33-127 unmeasured on 2026-11-30): the
   # persistent and the step kernels at B in {48, 64, 96}, H in {512, 1024}
   XGRID="512,48,512,512,2;512,64,512,512,2;512,96,512,512,2;512,48,1024,1024,2;512,64,1024,1024,2;512,96,1024,1024,2"
@@ -432,6 +455,8 @@ else
   skip_stage issue5_summary "no build"
   skip_stage bench_row_split "no build"
   skip_stage row_split_compare "no build"
+  skip_stage bench_grouped_a "no build"
+  skip_stage grouped_a_compare "no build"
   skip_stage bench_crossover "no build"
   skip_stage bench_tf32_on "no build"
 fi

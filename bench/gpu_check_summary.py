@@ -112,6 +112,7 @@ def bench_result(work, name):
     stems = {"bench_default": ("default_fwd",), "bench_tf32_off": ("persistent_fwd", "step_fwd"),
              "bench_row_split": ("persistent_fwd_row_split",),
              "bench_crossover": ("crossover_persistent", "crossover_step"),
+             "bench_grouped_a": ("persistent_fwd_grouped_a",),
              "bench_tf32_on": ("persistent_fwd_tf32", "step_fwd_tf32")}.get(name, ())
     for f in sorted(os.listdir(work)):
         if f.endswith(".cudnn.json") and f[: -len(".cudnn.json")] in stems:

@@ -272,6 +272,13 @@ gpu::PersistentPrefs current_prefs() {
     return env != nullptr && std::string(env) == "1";
   }();
   prefs.narrow_a_loads = narrow_a;
+  // RNN_EXT_CUDA_MMA_GROUPED_A=1 (P3b, experimental until measured on a GPU): the 8-byte A loads
+  // of a group of m-tiles issued before their mmas
+  static const bool grouped_a = [] {
+    const char* env = std::getenv("RNN_EXT_CUDA_MMA_GROUPED_A");
+    return env != nullptr && std::string(env) == "1";
+  }();
+  prefs.grouped_a_loads = grouped_a;
   prefs.max_row_groups = row_split_state().load();
   return prefs;
 }
@@ -918,6 +925,7 @@ std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64
   prefs.tensor_cores = tensor_cores;
   prefs.allow_tf32 = allow_tf32;
   prefs.narrow_a_loads = current_prefs().narrow_a_loads;  // (the kernel whose registers count)
+  prefs.grouped_a_loads = current_prefs().grouped_a_loads;
   gpu::PersistentPlan plan;
   C10_CUDA_CHECK(gpu::persistent_plan(kernel_dtype(dtype), H, static_cast<int>(cells), K_in,
                                       backward, prefs, &plan));

@@ -74,8 +74,11 @@ class Launch:
         # mma: False (FMA), True (tensor cores, 8-byte A loads) or "narrow" (tensor cores, the
         # mma layout's own k order with 4-byte A loads: PersistentPrefs.narrow_a_loads)
         # split: (R, P), P5's row groups: R copies of the column blocks, P rows each
+        # or "grouped" (tensor cores, 8-byte A loads of a group of m-tiles before their mmas:
+        # PersistentPrefs.grouped_a_loads, P3b)
         self.head = dict(kind=kind, dtype=dtype, mma=int(bool(mma)), T=T, B=B, H=H,
-                         relu=int(relu), narrow=int(mma == "narrow"))
+                         relu=int(relu), narrow=int(mma == "narrow"),
+                         grouped=int(mma == "grouped"))
         if ld is not None:
             self.head["ld"] = ld
         if split is not None:
@@ -145,6 +148,9 @@ FWD_CASES = [
     ("float", True, 3, 4, 16, False),     # TF32 (k8): 2 k-tiles
     ("half", "narrow", 3, 17, 32, True),  # the 4-byte A loads in the layout's order
     ("float", "narrow", 3, 4, 16, False),
+    ("bfloat16", "grouped", 3, 33, 16, False),  # P3b: a group of 2 m-tiles, then 1 of 2
+    ("half", "grouped", 3, 17, 32, True),
+    ("float", "grouped", 3, 20, 16, False),     # TF32
 ]
 
 
@@ -257,6 +263,8 @@ def test_forward_wavefront(driver, tmp_path, dtype, mma, L, shared, B=3, split=N
     ("float", True, 3, 2, 16, False, True),   # TF32
     ("bfloat16", "narrow", 3, 3, 16, False, True),
     ("float", "narrow", 3, 2, 16, False, True),
+    ("bfloat16", "grouped", 3, 33, 16, False, True),
+    ("float", "grouped", 3, 20, 16, True, True),
 ])
 def test_backward_both_directions(driver, tmp_path, dtype, mma, T, B, H, relu, with_dy,
                                   split=None):
@@ -354,6 +362,7 @@ WIDE_FWD = [
     ("bfloat16", True, 130, 1024, True),  # 16 k-tiles per warp, two passes (128 + 2 rows)
     ("half", True, 3, 2048, False),       # 16 k-tiles per warp
     ("float", True, 20, 512, True),       # TF32: 16 k-tiles per warp
+    ("bfloat16", "grouped", 130, 1024, True),  # P3b: 16 k-tiles per warp, 9 m-tiles
 ]
 
 
@@ -873,6 +882,41 @@ for stmt in {[s for s, _ in steps]!r}:
         # the same decision as torch's own CUDA matmuls
         assert (torch_says == "tf32") == (want == "mma"), (stmt, line)
         assert float(err) < (5e-3 if want == "mma" else 1e-5), (stmt, line)
+
+
+def test_cuda_backend_grouped_a_loads(glue):
+    """RNN_EXT_CUDA_MMA_GROUPED_A=1 (P3b, read once per process: a subprocess) through the
+    whole backend: bf16 forward and backward on the tensor-core variant, against the same
+    computation with the default loads (to rounding: only the order of loads differs)."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO / 'tests')!r})
+import test_cuda_emulated as t
+from pathlib import Path
+m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
+m.set_kernel("persistent")
+torch.manual_seed(3)
+rnn = torch.nn.RNN(16, 16, 2, bidirectional=True)
+w = [p.detach().bfloat16() for p in rnn._flat_weights]
+x, h0 = torch.randn(3, 40, 16).bfloat16(), torch.randn(4, 40, 16).bfloat16()
+out, hy, ws, noise = m.forward(x, h0, w, None, True, 2, True, False, 0.0, False, True)
+g = m.backward(x, h0, w, None, out, ws, noise, torch.ones_like(out), torch.ones_like(hy), True, 2,
+               True, False, [True, True, True])
+print(m.variant("forward"), m.variant("backward"))
+torch.save([out, hy, g[0], g[1]] + list(g[2]), sys.argv[1])
+"""
+    outs = []
+    for grouped in ("0", "1"):
+        path = glue.build_dir / f"grouped{grouped}.pt"
+        env = dict(os.environ, RNN_EXT_CUDA_MMA_GROUPED_A=grouped)
+        res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                             text=True, env=env, timeout=600, cwd=str(REPO))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.split() [-2:] == ["mma", "mma"], res.stdout
+        outs.append(torch.load(path))
+    for a, b in zip(*outs):
+        # the same products in the same k order per m-tile: bitwise equal
+        assert torch.equal(a, b)
 
 
 def test_cuda_backend_coresidency_limits(glue):

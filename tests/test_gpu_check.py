@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 STAGES = ["env", "build", "cuda_tests", "persistent_tests", "sanitizer_memcheck",
           "sanitizer_racecheck", "sanitizer_synccheck", "sanitizer_initcheck", "bench_default",
-          "bench_tf32_off", "issue5_summary", "bench_row_split", "row_split_compare", "bench_crossover",
-          "bench_tf32_on"]
+          "bench_tf32_off", "issue5_summary", "bench_row_split", "row_split_compare", "bench_grouped_a",
+          "grouped_a_compare", "bench_crossover", "bench_tf32_on"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None
                                 or shutil.which("timeout") is None,
@@ -65,11 +65,13 @@ def test_dry_run_two_files_stages_in_order(tmp_path):
     assert summary["meta"]["verdict"].startswith("PASS")
     # every stage that ran has its log in the archive, and its command in it
     for name in STAGES:
-        if name not in ("issue5_summary", "row_split_compare"):
+        if name not in ("issue5_summary", "row_split_compare", "grouped_a_compare"):
             assert stages[name]["status"] == "ok", stages[name]
             assert f"DRY RUN stub for stage {name}:" in logs[name]
     assert stages["issue5_summary"]["status"] == "skipped"  # the stubbed bench writes no JSON
     assert stages["row_split_compare"]["status"] == "skipped"
+    assert stages["grouped_a_compare"]["status"] == "skipped"
+    assert "RNN_EXT_CUDA_MMA_GROUPED_A=1" in logs["bench_grouped_a"]
     assert "RNN_EXT_CUDA_ROW_SPLIT=8" in logs["bench_row_split"]
     assert "RNN_EXT_CUDA_ROW_SPLIT" not in logs["bench_tf32_off"]
     # the crossover stage runs both kernels, one after the other

@@ -19,31 +19,38 @@ using namespace persistent_detail;
 // Host side
 
 // The kernel of a variant, typed (for the launch) and untyped (for the attribute queries).
-// narrow: the tensor-core variant's 4-byte A loads (PersistentPrefs::narrow_a_loads).
-// split: P5's row groups (no narrow variant of those: apply_row_groups keeps R = 1 there).
+// a_load: the tensor-core variant's A loads (MmaProduct's kALoad: 0 8-byte, 1 4-byte, 2
+// grouped; a_load_of below); split: P5's row groups (with the 8-byte loads only:
+// apply_row_groups keeps R = 1 otherwise).
 template <typename T>
-auto forward_kernel(bool mma, bool narrow, bool split = false) {
+auto forward_kernel(bool mma, int a_load, bool split = false) {
   if (split) {
-    return mma ? &persistent_forward_kernel<T, true, false, true>
-               : &persistent_forward_kernel<T, false, false, true>;
+    return mma ? &persistent_forward_kernel<T, true, 0, true>
+               : &persistent_forward_kernel<T, false, 0, true>;
   }
   if (!mma) return &persistent_forward_kernel<T, false>;
-  return narrow ? &persistent_forward_kernel<T, true, true> : &persistent_forward_kernel<T, true>;
+  return a_load == 1   ? &persistent_forward_kernel<T, true, 1>
+         : a_load == 2 ? &persistent_forward_kernel<T, true, 2>
+                       : &persistent_forward_kernel<T, true>;
 }
 template <typename T>
-auto backward_kernel(bool mma, bool narrow, bool split = false) {
+auto backward_kernel(bool mma, int a_load, bool split = false) {
   if (split) {
-    return mma ? &persistent_backward_kernel<T, true, false, true>
-               : &persistent_backward_kernel<T, false, false, true>;
+    return mma ? &persistent_backward_kernel<T, true, 0, true>
+               : &persistent_backward_kernel<T, false, 0, true>;
   }
   if (!mma) return &persistent_backward_kernel<T, false>;
-  return narrow ? &persistent_backward_kernel<T, true, true>
-                : &persistent_backward_kernel<T, true>;
+  return a_load == 1   ? &persistent_backward_kernel<T, true, 1>
+         : a_load == 2 ? &persistent_backward_kernel<T, true, 2>
+                       : &persistent_backward_kernel<T, true>;
 }
 template <typename T>
-const void* kernel_of(bool backward, bool mma, bool narrow) {
-  return backward ? reinterpret_cast<const void*>(backward_kernel<T>(mma, narrow))
-                  : reinterpret_cast<const void*>(forward_kernel<T>(mma, narrow));
+const void* kernel_of(bool backward, bool mma, int a_load) {
+  return backward ? reinterpret_cast<const void*>(backward_kernel<T>(mma, a_load))
+                  : reinterpret_cast<const void*>(forward_kernel<T>(mma, a_load));
+}
+int a_load_of(const PersistentPrefs& prefs) {
+  return prefs.narrow_a_loads ? 1 : prefs.grouped_a_loads ? 2 : 0;
 }
 
 // Whether the tensor-core variant applies: asked for, a dtype it has (fp32 only as TF32, only
@@ -95,7 +102,7 @@ cudaError_t plan_t(int64_t H, int cells, int64_t K_in, bool backward,
       plan->mma ? static_cast<int64_t>(kWarps) * kMmaRows * kCols * sizeof(float)
                 : static_cast<int64_t>(kCols) * (K_in + H) * static_cast<int64_t>(sizeof(T)) +
                       kWarps * 32 * static_cast<int64_t>(sizeof(float));
-  const void* kernel = kernel_of<T>(backward, plan->mma, prefs.narrow_a_loads);
+  const void* kernel = kernel_of<T>(backward, plan->mma, a_load_of(prefs));
   cudaFuncAttributes fa{};
   if ((err = cudaFuncGetAttributes(&fa, kernel)) != cudaSuccess) return err;
   plan->registers = fa.numRegs;
@@ -125,7 +132,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 int apply_row_groups(const PersistentPrefs& prefs, int64_t B, const void* split_kernel,
                      PersistentPlan* plan, int64_t* rows_per_group) {
   *rows_per_group = B;
-  const int want = prefs.narrow_a_loads && plan->mma ? 1 : prefs.max_row_groups;
+  const int want = a_load_of(prefs) != 0 && plan->mma ? 1 : prefs.max_row_groups;
   int64_t unused = 0;
   if (persistent_row_groups(want, B, plan->blocks, plan->max_coresident,
                             plan->mma ? 16 : kRows, &unused) <= 1) {
@@ -211,18 +218,18 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
   if (used_mma != nullptr) *used_mma = plan.mma;
   int64_t rows = a.B;
   const int R = apply_row_groups(
-      a.prefs, a.B, reinterpret_cast<const void*>(forward_kernel<T>(plan.mma, false, true)),
+      a.prefs, a.B, reinterpret_cast<const void*>(forward_kernel<T>(plan.mma, 0, true)),
       &plan, &rows);
   if (a.used_row_groups != nullptr) *a.used_row_groups = R;
   ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), a.T + max_delay, R, rows};
-  err = launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
+  err = launch(forward_kernel<T>(plan.mma, a_load_of(a.prefs), R > 1), plan, prm, stream,
                status);
   if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
     // the row groups' extra blocks refused (another context holds SMs): without them
     plan.blocks /= R;
     prm = ForwardParams{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
     if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
-    err = launch(forward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream, status);
+    err = launch(forward_kernel<T>(plan.mma, a_load_of(a.prefs)), plan, prm, stream, status);
   }
   return err;
 }
@@ -255,17 +262,17 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
   if (used_mma != nullptr) *used_mma = plan.mma;
   int64_t rows = a.B;
   const int R = apply_row_groups(
-      a.prefs, a.B, reinterpret_cast<const void*>(backward_kernel<T>(plan.mma, false, true)),
+      a.prefs, a.B, reinterpret_cast<const void*>(backward_kernel<T>(plan.mma, 0, true)),
       &plan, &rows);
   if (a.used_row_groups != nullptr) *a.used_row_groups = R;
   BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), R, rows};
-  err = launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads, R > 1), plan, prm, stream,
+  err = launch(backward_kernel<T>(plan.mma, a_load_of(a.prefs), R > 1), plan, prm, stream,
                status);
   if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
     plan.blocks /= R;  // as the forward: without the groups
     prm = BackwardParams{a, plan.blocks / a.cells, warps_per_group(a.B)};
     if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
-    err = launch(backward_kernel<T>(plan.mma, a.prefs.narrow_a_loads), plan, prm, stream,
+    err = launch(backward_kernel<T>(plan.mma, a_load_of(a.prefs)), plan, prm, stream,
                  status);
   }
   return err;
@@ -323,7 +330,7 @@ int persistent_row_groups(int max_groups, int64_t B, int64_t blocks, int64_t max
   int64_t per = (B + R - 1) / R;
   per = (per + align - 1) / align * align;  // whole row tiles
   R = (B + per - 1) / per;                  // (no empty group)
-  if (R <= 1) return 1;
+  if (R <= 1 || R * per > 0x7fffffffLL) return 1;  // (the split kernels' 32-bit row ends)
   *rows_per_group = per;
   return static_cast<int>(R);
 }

@@ -73,6 +73,9 @@ struct PersistentPrefs {
   // register, instead of one 8-byte load per two registers (rnn_persistent_device.cuh; kept
   // to measure the two against each other)
   bool narrow_a_loads = false;
+  // P3b only (bench/NOTES.md; experimental until measured on a GPU): the 8-byte A loads of a
+  // group of m-tiles issued before their mmas (ignored with narrow_a_loads)
+  bool grouped_a_loads = false;
   // P5 (bench/NOTES.md): split each cell's batch rows into up to this many row groups, each a
   // copy of the cell's column blocks computing only its rows, as far as co-residency allows
   // (more SMs share the L2 reads of h_{t-1} at small H).  1 = off, the launch above.

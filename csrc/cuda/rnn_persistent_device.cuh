@@ -384,8 +384,14 @@ __device__ __forceinline__ void frag_pair(const T* p, bool ok, uint32_t& lo, uin
   }
 }
 
-template <typename T, bool kNarrow>
+// kALoad: how the A fragments are loaded: 0 = one 8-byte load per two registers, m-tile after
+// m-tile (the default); 1 = the mma layout's own order, 4-byte loads (kNarrow); 2 = as 0, but
+// the loads of a group of kAGroup m-tiles issued before their mmas (P3b, bench/NOTES.md).
+constexpr int kAGroup = 2;
+
+template <typename T, int kALoad>
 struct MmaProduct {
+  static constexpr bool kNarrow = kALoad == 1;
   static constexpr int kK = MmaTraits<T>::kK;
   // 16-bit: a register holds columns (2q, 2q+1) and the second half-tile starts at +8;
   // tf32: a register holds column q and the second half starts at +4.
@@ -455,6 +461,26 @@ struct MmaProduct {
         const bool in = k < K_in;
         const T* src = in ? x + k : h + (k - K_in);
         const int64_t ld = in ? ldx : ldh;
+        if constexpr (kALoad == 2) {
+#pragma unroll
+          for (int m0 = 0; m0 < kMmaRows / 16; m0 += kAGroup) {
+            if (m0 < mts) {  // block-uniform
+              uint32_t a[kAGroup][4];
+#pragma unroll
+              for (int u = 0; u < kAGroup; ++u) {  // the group's loads, all in flight
+                const int64_t ra = pass0 + (m0 + u) * 16 + g, rb = ra + 8;
+                const bool va = m0 + u < mts && ra < B, vb = m0 + u < mts && rb < B;
+                frag_pair(src + (va ? ra : 0) * ld + k_lo(), va, a[u][0], a[u][2]);
+                frag_pair(src + (vb ? rb : 0) * ld + k_lo(), vb, a[u][1], a[u][3]);
+              }
+#pragma unroll
+              for (int u = 0; u < kAGroup; ++u) {
+                if (m0 + u < mts) MmaTraits<T>::mma(acc[m0 + u], a[u], b[s]);
+              }
+            }
+          }
+          continue;
+        }
 #pragma unroll
         for (int m = 0; m < kMmaRows / 16; ++m) {
           if (m < mts) {  // block-uniform
@@ -500,8 +526,8 @@ struct MmaProduct {
   }
 };
 
-template <typename T, bool kMma, bool kNarrowA>
-using Product = std::conditional_t<kMma, MmaProduct<T, kNarrowA>, FmaProduct<T>>;
+template <typename T, bool kMma, int kALoad>
+using Product = std::conditional_t<kMma, MmaProduct<T, kALoad>, FmaProduct<T>>;
 
 // blocks_per_cell = row_groups x ceil(H / 8): block b of a cell computes column slice
 // b % ceil(H/8) for the rows [g rows_per_group, min(B, (g + 1) rows_per_group)), g = b /
@@ -540,7 +566,8 @@ __device__ __forceinline__ BlockPlace<true> block_place(int cidx, int blocks_per
   const int g = b / cols;
   const int rpg = static_cast<int>(rows_per_group);
   const int r_lo = g * rpg;
-  const int r_hi = rpg < static_cast<int>(B) - r_lo ? r_lo + rpg : static_cast<int>(B);  // (no overflow)
+  // (r_lo + rpg <= row_groups * rows_per_group < 2^31: persistent_row_groups sees to it)
+  const int r_hi = r_lo + rpg < static_cast<int>(B) ? r_lo + rpg : static_cast<int>(B);
   return {static_cast<int64_t>(b - g * cols) * kCols, r_lo, r_hi};
 }
 
@@ -560,10 +587,10 @@ __device__ __forceinline__ BlockPlace<kSplit> place_of(int cidx, int blocks_per_
 
 // __grid_constant__: the cell table is indexed by a block-dependent value without a copy to
 // local memory (sm_70+).
-// kNarrowA: the tensor-core variant with the mma layout's 4-byte A loads (MmaProduct).
+// kALoad: the tensor-core variant's A loads (MmaProduct: 0 8-byte, 1 4-byte, 2 grouped).
 // kSplit: P5's row groups (p.row_groups > 1); a kernel of its own so that the launch without
 // them keeps its registers (the row range costs some: ptxas spilled in the forward kernels).
-template <typename T, bool kMma, bool kNarrowA = false, bool kSplit = false>
+template <typename T, bool kMma, int kALoad = 0, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_forward_kernel(const __grid_constant__ ForwardParams p) {
   unsigned char* const smem = dynamic_smem();
@@ -575,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool project = cell.w_ih != nullptr;
 
   // 1. The block's weight slice into shared memory / registers, once.
-  Product<T, kMma, kNarrowA> prod;
+  Product<T, kMma, kALoad> prod;
   prod.init(smem, static_cast<const T*>(cell.w_ih), project ? cell.K_in : 0,
             static_cast<const T*>(cell.w_hh), H, j0, p.wk);
   const T* const b_hh = static_cast<const T*>(cell.b_hh);
@@ -618,7 +645,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-template <typename T, bool kMma, bool kNarrowA = false, bool kSplit = false>
+template <typename T, bool kMma, int kALoad = 0, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 2)
     persistent_backward_kernel(const __grid_constant__ BackwardParams p) {
   unsigned char* const smem = dynamic_smem();
@@ -628,7 +655,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const auto place = place_of<kSplit>(cidx, p.blocks_per_cell, p.row_groups, p.rows_per_group, B);
   const int64_t j0 = place.j0;
 
-  Product<T, kMma, kNarrowA> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
+  Product<T, kMma, kALoad> prod;  // the slice of W_hh^T: row j of it is column j of W_hh
   prod.init(smem, nullptr, 0, static_cast<const T*>(cell.wt_hh), H, j0, p.wk);
   __syncthreads();
 

@@ -63,6 +63,7 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
   const int64_t T_ = std::stoll(kv["T"]), B = std::stoll(kv["B"]), H = std::stoll(kv["H"]);
   const bool relu = kv["relu"] == "1", mma = kv["mma"] == "1";
   const bool narrow = kv.count("narrow") != 0 && kv["narrow"] == "1";  // narrow_a_loads
+  const bool grouped = kv.count("grouped") != 0 && kv["grouped"] == "1";  // grouped_a_loads
   const int R = kv.count("row_groups") ? std::stoi(kv["row_groups"]) : 1;
   const int64_t rows = R > 1 ? std::stoll(kv.at("rows")) : B;
   const int bpc = static_cast<int>((H + kCols - 1) / kCols) * R;
@@ -107,12 +108,14 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
     simt::launch(grid, kThreads, smem, [&] {
       if (R > 1) {  // P5's kernels (no narrow variant)
         if (mma) {
-          persistent_forward_kernel<T, true, false, true>(p);
+          persistent_forward_kernel<T, true, 0, true>(p);
         } else {
-          persistent_forward_kernel<T, false, false, true>(p);
+          persistent_forward_kernel<T, false, 0, true>(p);
         }
       } else if (mma && narrow) {
-        persistent_forward_kernel<T, true, true>(p);
+        persistent_forward_kernel<T, true, 1>(p);
+      } else if (mma && grouped) {
+        persistent_forward_kernel<T, true, 2>(p);
       } else if (mma) {
         persistent_forward_kernel<T, true>(p);
       } else {
@@ -146,12 +149,14 @@ void run(const std::string& dir, const std::vector<std::vector<std::string>>& sp
     simt::launch(grid, kThreads, smem, [&] {
       if (R > 1) {
         if (mma) {
-          persistent_backward_kernel<T, true, false, true>(p);
+          persistent_backward_kernel<T, true, 0, true>(p);
         } else {
-          persistent_backward_kernel<T, false, false, true>(p);
+          persistent_backward_kernel<T, false, 0, true>(p);
         }
       } else if (mma && narrow) {
-        persistent_backward_kernel<T, true, true>(p);
+        persistent_backward_kernel<T, true, 1>(p);
+      } else if (mma && grouped) {
+        persistent_backward_kernel<T, true, 2>(p);
       } else if (mma) {
         persistent_backward_kernel<T, true>(p);
       } else {
