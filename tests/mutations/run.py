@@ -96,6 +96,9 @@ MUTATIONS = {
     "k13_row_groups_overlap": (
         "P5 row groups: each group starts one row early per group (overlap, last rows missed)",
         ["tests/test_cuda_emulated.py", "-k", "row_groups or row_split"]),
+    "k14_grouped_a_first_fragment_reused": (
+        "P3b grouped A loads: every m-tile of a group multiplies the group's first A fragment",
+        ["tests/test_cuda_emulated.py", "-k", "grouped"]),
     "k7_persistent_mma_last_k_tile": (
         "persistent kernel, tensor cores: the last k-tile of [x | h] is skipped",
         ["tests/test_cuda_emulated.py", "-k", "test_forward_both_directions"]),
