@@ -390,46 +390,37 @@ if [ "${RC[build]}" = 0 ]; then
   else
     skip_stage issue5_summary "no default or persistent bench results"
   fi
-  # P5's row groups (RNN_EXT_CUDA_ROW_SPLIT=8) against the persistent kernels without them,
-  # where they should matter: B in {32, 128}, every H, fp32 and bf16
-  SGRID="512,32,256,256,2;512,128,256,256,2;512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
-  if [ "$KERNEL" != persistent ]; then
-    skip_stage bench_row_split "a persistent stage hung"
-    skip_stage row_split_compare "a persistent stage hung"
-  elif [ "$(left)" -ge 60 ]; then
-    run_stage bench_row_split 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_ROW_SPLIT=8 \
-      "$PY" bench/bench.py --device cuda --grid "$SGRID" --dtypes float32,bfloat16 --modes fwd,train \
-      --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
-      --no-plots --no-progress --tf32 off --name persistent_fwd_row_split
-    if [ -f "$WORK/persistent_fwd_row_split.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
-      run_stage row_split_compare 20 "" "$PY" bench/ab_compare.py "$WORK" persistent_fwd persistent_fwd_row_split
-    else
-      skip_stage row_split_compare "no bench results for both"
+  # A/B of one persistent-kernel setting against bench_tf32_off's same rows: ab_stage NAME
+  # SETTING GRID DTYPES runs bench_NAME (the setting on) and NAME_compare (bench/ab_compare.py)
+  ab_stage() {
+    local name=$1 setting=$2 grid=$3 dtypes=$4
+    if [ "$KERNEL" != persistent ]; then
+      skip_stage "bench_$name" "a persistent stage hung"
+      skip_stage "${name}_compare" "a persistent stage hung"
+      return
     fi
-  else
-    skip_stage bench_row_split "under 60 s left"
-    skip_stage row_split_compare "under 60 s left"
-  fi
-  # P3b: the tensor-core kernels' A loads issued per group of m-tiles (RNN_EXT_CUDA_MMA_GROUPED_A=1)
-  # against the default loads, bf16 where the loads were measured to matter
-  GGRID="512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2"
-  if [ "$KERNEL" != persistent ]; then
-    skip_stage bench_grouped_a "a persistent stage hung"
-    skip_stage grouped_a_compare "a persistent stage hung"
-  elif [ "$(left)" -ge 60 ]; then
-    run_stage bench_grouped_a 60 "" env RNN_EXT_CUDA_KERNEL=persistent RNN_EXT_CUDA_MMA_GROUPED_A=1 \
-      "$PY" bench/bench.py --device cuda --grid "$GGRID" --dtypes bfloat16 --modes fwd,train \
-      --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
-      --no-plots --no-progress --tf32 off --name persistent_fwd_grouped_a
-    if [ -f "$WORK/persistent_fwd_grouped_a.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
-      run_stage grouped_a_compare 20 "" "$PY" bench/ab_compare.py "$WORK" persistent_fwd persistent_fwd_grouped_a
-    else
-      skip_stage grouped_a_compare "no bench results for both"
+    if [ "$(left)" -lt 60 ]; then
+      skip_stage "bench_$name" "under 60 s left"
+      skip_stage "${name}_compare" "under 60 s left"
+      return
     fi
-  else
-    skip_stage bench_grouped_a "under 60 s left"
-    skip_stage grouped_a_compare "under 60 s left"
-  fi
+    run_stage "bench_$name" 60 "" env RNN_EXT_CUDA_KERNEL=persistent "$setting" \
+      "$PY" bench/bench.py --device cuda --grid "$grid" --dtypes "$dtypes" --modes fwd,train \
+      --contenders rnn_ext,torch --repeats 5 --warmup 2 --min-sample-ms 5 --out "$WORK" \
+      --no-plots --no-progress --tf32 off --name "persistent_fwd_$name"
+    if [ -f "$WORK/persistent_fwd_$name.cudnn.json" ] && [ -f "$WORK/persistent_fwd.cudnn.json" ]; then
+      run_stage "${name}_compare" 20 "" "$PY" bench/ab_compare.py "$WORK" persistent_fwd "persistent_fwd_$name"
+    else
+      skip_stage "${name}_compare" "no bench results for both"
+    fi
+  }
+  # P5's row groups where they should matter: B in {32, 128}, every H, fp32 and bf16
+  ab_stage row_split RNN_EXT_CUDA_ROW_SPLIT=8 \
+    "512,32,256,256,2;512,128,256,256,2;512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2" \
+    float32,bfloat16
+  # P3b's grouped A loads of the tensor-core kernels, bf16 where the loads were measured to matter
+  ab_stage grouped_a RNN_EXT_CUDA_MMA_GROUPED_A=1 \
+    "512,32,512,512,2;512,128,512,512,2;512,32,1024,1024,2;512,128,1024,1024,2" bfloat16
   # "auto"'s crossover between the two kernels (B = 33-127 unmeasured on 2026-11-30): the
   # persistent and the step kernels at B in {48, 64, 96}, H in {512, 1024}
   XGRID="512,48,512,512,2;512,64,512,512,2;512,96,512,512,2;512,48,1024,1024,2;512,64,1024,1024,2;512,96,1024,1024,2"
