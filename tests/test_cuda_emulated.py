@@ -843,12 +843,10 @@ TF32_SEQUENCES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(TF32_SEQUENCES))
-def test_cuda_backend_tf32_switches(glue, name):
-    """However TF32 is set (the legacy allow_tf32 flag, fp32_precision for CUDA matmuls or for
-    everything, set_float32_matmul_precision, or a mix), a float32 forward and backward run,
-    on the tensor-core variant exactly when torch's own CUDA matmuls may use TF32."""
-    steps = TF32_SEQUENCES[name]
+def _run_glue_script(glue, body, env=None, args=()):
+    """Runs `body` in a fresh Python process (for settings read once per process: torch's
+    precision flags, the RNN_EXT_* / SIMT_* variables) with `m` = the emulated glue module,
+    the persistent kernels selected; returns its stdout."""
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO / 'tests')!r})
@@ -856,6 +854,20 @@ import test_cuda_emulated as t
 from pathlib import Path
 m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
 m.set_kernel("persistent")
+""" + body
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=str(REPO))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.parametrize("name", sorted(TF32_SEQUENCES))
+def test_cuda_backend_tf32_switches(glue, name):
+    """However TF32 is set (the legacy allow_tf32 flag, fp32_precision for CUDA matmuls or for
+    everything, set_float32_matmul_precision, or a mix), a float32 forward and backward run,
+    on the tensor-core variant exactly when torch's own CUDA matmuls may use TF32."""
+    steps = TF32_SEQUENCES[name]
+    body = f"""
 torch.manual_seed(3)
 rnn = torch.nn.RNN(4, 16, 2)
 w = [p.detach() for p in rnn._flat_weights]
@@ -871,11 +883,9 @@ for stmt in {[s for s, _ in steps]!r}:
     err = float((out - ref).abs().max())
     print(fwd, m.variant("backward"), torch.backends.cuda.matmul.fp32_precision, err)
 """
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=600, cwd=str(REPO))
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().split("\n")[-len(steps):]
-    assert len(lines) == len(steps), res.stdout
+    stdout = _run_glue_script(glue, body)
+    lines = stdout.strip().split("\n")[-len(steps):]
+    assert len(lines) == len(steps), stdout
     for (stmt, want), line in zip(steps, lines):
         fwd, bwd, torch_says, err = line.split()
         assert (fwd, bwd) == (want, want), (stmt, line)
@@ -887,14 +897,8 @@ for stmt in {[s for s, _ in steps]!r}:
 def test_cuda_backend_grouped_a_loads(glue):
     """RNN_EXT_CUDA_MMA_GROUPED_A=1 (P3b, read once per process: a subprocess) through the
     whole backend: bf16 forward and backward on the tensor-core variant, against the same
-    computation with the default loads (to rounding: only the order of loads differs)."""
-    script = f"""
-import sys, torch
-sys.path.insert(0, {str(REPO / 'tests')!r})
-import test_cuda_emulated as t
-from pathlib import Path
-m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
-m.set_kernel("persistent")
+    computation with the default loads (bitwise: only when the loads are issued differs)."""
+    body = f"""
 torch.manual_seed(3)
 rnn = torch.nn.RNN(16, 16, 2, bidirectional=True)
 w = [p.detach().bfloat16() for p in rnn._flat_weights]
@@ -908,11 +912,9 @@ torch.save([out, hy, g[0], g[1]] + list(g[2]), sys.argv[1])
     outs = []
     for grouped in ("0", "1"):
         path = glue.build_dir / f"grouped{grouped}.pt"
-        env = dict(os.environ, RNN_EXT_CUDA_MMA_GROUPED_A=grouped)
-        res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
-                             text=True, env=env, timeout=600, cwd=str(REPO))
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert res.stdout.split() [-2:] == ["mma", "mma"], res.stdout
+        stdout = _run_glue_script(glue, body, dict(os.environ, RNN_EXT_CUDA_MMA_GROUPED_A=grouped),
+                                  (str(path),))
+        assert stdout.split()[-2:] == ["mma", "mma"], stdout
         outs.append(torch.load(path))
     for a, b in zip(*outs):
         # the same products in the same k order per m-tile: bitwise equal
@@ -923,13 +925,7 @@ def test_cuda_backend_coresidency_limits(glue):
     """On a device with 1 SM (2 resident blocks of 256 threads): a 16-column cell (2 blocks)
     runs persistent one layer per launch (no room for a wavefront), a bidirectional layer (4
     blocks) falls back to the step path.  (SIMT_SMS is read once per process: a subprocess.)"""
-    script = f"""
-import sys, torch
-sys.path.insert(0, {str(REPO / 'tests')!r})
-import test_cuda_emulated as t
-from pathlib import Path
-m = t._load_glue(Path({str(glue.build_dir)!r}), {glue.inc!r})
-m.set_kernel("persistent")
+    body = f"""
 rnn = torch.nn.RNN(4, 16, 3)
 w = [p.detach() for p in rnn._flat_weights]
 x = torch.randn(3, 2, 4)
@@ -942,11 +938,8 @@ wb = [p.detach() for p in bi._flat_weights]
 m.forward(x, torch.zeros(2, 2, 16), wb, None, True, 1, True, False, 0.0, False, False)
 print(m.kernel_used("forward"))
 """
-    env = dict(os.environ, SIMT_SMS="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=600, cwd=str(REPO))
-    assert res.returncode == 0, res.stderr[-3000:]
-    first, second = res.stdout.split("\n")[-3:-1]
+    stdout = _run_glue_script(glue, body, dict(os.environ, SIMT_SMS="1"))
+    first, second = stdout.split("\n")[-3:-1]
     kernel, wave, err = first.split()
     assert (kernel, wave) == ("persistent", "1") and float(err) < 1e-5
     assert second == "step"
