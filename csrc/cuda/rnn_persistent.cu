@@ -183,6 +183,28 @@ cudaError_t launch(void (*kernel)(Params), const PersistentPlan& plan, Params& p
 #endif
 }
 
+// A feasible plan's launch, with P5's row groups where the prefs ask for them and they fit
+// (apply_row_groups): kernel(split) is the kernel, params(blocks per cell, groups, rows per
+// group) its parameters.  A launch with groups refused for co-residency (another context holds
+// SMs) is made once more without them.  *used_row_groups (may be null): the groups launched.
+template <typename KernelOf, typename ParamsOf>
+cudaError_t launch_grouped(const PersistentPrefs& prefs, int64_t B, int cells,
+                           PersistentPlan plan, KernelOf&& kernel, ParamsOf&& params,
+                           int* used_row_groups, cudaStream_t stream, PersistentStatus* status) {
+  int64_t rows = B;
+  int R = apply_row_groups(prefs, B, reinterpret_cast<const void*>(kernel(true)), &plan, &rows);
+  auto prm = params(plan.blocks / cells, R, rows);
+  cudaError_t err = launch(kernel(R > 1), plan, prm, stream, status);
+  if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
+    plan.blocks /= R;
+    R = 1;
+    prm = params(plan.blocks / cells, 1, B);
+    err = launch(kernel(false), plan, prm, stream, status);
+  }
+  if (used_row_groups != nullptr) *used_row_groups = R;
+  return err;
+}
+
 template <typename T>
 cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream,
                                  PersistentStatus* status, bool* used_mma) {
@@ -216,22 +238,13 @@ cudaError_t persistent_forward_t(const PersistentForward& a, cudaStream_t stream
     return cudaSuccess;
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
-  int64_t rows = a.B;
-  const int R = apply_row_groups(
-      a.prefs, a.B, reinterpret_cast<const void*>(forward_kernel<T>(plan.mma, 0, true)),
-      &plan, &rows);
-  if (a.used_row_groups != nullptr) *a.used_row_groups = R;
-  ForwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), a.T + max_delay, R, rows};
-  err = launch(forward_kernel<T>(plan.mma, a_load_of(a.prefs), R > 1), plan, prm, stream,
-               status);
-  if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
-    // the row groups' extra blocks refused (another context holds SMs): without them
-    plan.blocks /= R;
-    prm = ForwardParams{a, plan.blocks / a.cells, warps_per_group(a.B), a.T + max_delay};
-    if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
-    err = launch(forward_kernel<T>(plan.mma, a_load_of(a.prefs)), plan, prm, stream, status);
-  }
-  return err;
+  return launch_grouped(
+      a.prefs, a.B, a.cells, plan,
+      [&](bool split) { return forward_kernel<T>(plan.mma, a_load_of(a.prefs), split); },
+      [&](int blocks_per_cell, int R, int64_t rows) {
+        return ForwardParams{a, blocks_per_cell, warps_per_group(rows), a.T + max_delay, R, rows};
+      },
+      a.used_row_groups, stream, status);
 }
 
 template <typename T>
@@ -260,22 +273,13 @@ cudaError_t persistent_backward_t(const PersistentBackward& a, cudaStream_t stre
     return cudaSuccess;
   }
   if (used_mma != nullptr) *used_mma = plan.mma;
-  int64_t rows = a.B;
-  const int R = apply_row_groups(
-      a.prefs, a.B, reinterpret_cast<const void*>(backward_kernel<T>(plan.mma, 0, true)),
-      &plan, &rows);
-  if (a.used_row_groups != nullptr) *a.used_row_groups = R;
-  BackwardParams prm{a, plan.blocks / a.cells, warps_per_group(rows), R, rows};
-  err = launch(backward_kernel<T>(plan.mma, a_load_of(a.prefs), R > 1), plan, prm, stream,
-               status);
-  if (err == cudaSuccess && R > 1 && *status == PersistentStatus::kCoResidency) {
-    plan.blocks /= R;  // as the forward: without the groups
-    prm = BackwardParams{a, plan.blocks / a.cells, warps_per_group(a.B)};
-    if (a.used_row_groups != nullptr) *a.used_row_groups = 1;
-    err = launch(backward_kernel<T>(plan.mma, a_load_of(a.prefs)), plan, prm, stream,
-                 status);
-  }
-  return err;
+  return launch_grouped(
+      a.prefs, a.B, a.cells, plan,
+      [&](bool split) { return backward_kernel<T>(plan.mma, a_load_of(a.prefs), split); },
+      [&](int blocks_per_cell, int R, int64_t rows) {
+        return BackwardParams{a, blocks_per_cell, warps_per_group(rows), R, rows};
+      },
+      a.used_row_groups, stream, status);
 }
 
 template <typename F>

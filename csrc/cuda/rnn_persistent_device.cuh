@@ -479,25 +479,25 @@ struct MmaProduct {
               }
             }
           }
-          continue;
-        }
+        } else {
 #pragma unroll
-        for (int m = 0; m < kMmaRows / 16; ++m) {
-          if (m < mts) {  // block-uniform
-            const int64_t ra = pass0 + m * 16 + g, rb = ra + 8;
-            const T* pa = src + (ra < B ? ra : 0) * ld + k_lo();
-            const T* pb = src + (rb < B ? rb : 0) * ld + k_lo();
-            uint32_t a[4];
-            if constexpr (kNarrow) {
-              a[0] = frag(pa, ra < B, false);
-              a[1] = frag(pb, rb < B, false);
-              a[2] = frag(pa + kHalf, ra < B, false);
-              a[3] = frag(pb + kHalf, rb < B, false);
-            } else {
-              frag_pair(pa, ra < B, a[0], a[2]);
-              frag_pair(pb, rb < B, a[1], a[3]);
+          for (int m = 0; m < kMmaRows / 16; ++m) {
+            if (m < mts) {  // block-uniform
+              const int64_t ra = pass0 + m * 16 + g, rb = ra + 8;
+              const T* pa = src + (ra < B ? ra : 0) * ld + k_lo();
+              const T* pb = src + (rb < B ? rb : 0) * ld + k_lo();
+              uint32_t a[4];
+              if constexpr (kNarrow) {
+                a[0] = frag(pa, ra < B, false);
+                a[1] = frag(pb, rb < B, false);
+                a[2] = frag(pa + kHalf, ra < B, false);
+                a[3] = frag(pb + kHalf, rb < B, false);
+              } else {
+                frag_pair(pa, ra < B, a[0], a[2]);
+                frag_pair(pb, rb < B, a[1], a[3]);
+              }
+              MmaTraits<T>::mma(acc[m], a, b[s]);
             }
-            MmaTraits<T>::mma(acc[m], a, b[s]);
           }
         }
       }
