@@ -11,6 +11,7 @@
 #include "cpu/blas.h"
 #include "cpu/recycle.h"
 #include "cpu/step_kernel.h"
+#include "cpu/wgrad_kernel.h"
 #include "rnn_ext.h"
 #ifdef RNN_EXT_WITH_CUDA
 #include "cuda/rnn_persistent.h"
@@ -119,6 +120,27 @@ at::Tensor cpu_activation(const at::Tensor& x, bool relu) {
   }
   return y;
 }
+// How the float32 backward forms an (M x N) weight gradient: "avx512" / "avx2" (the
+// outer-product kernel, csrc/cpu/wgrad_kernel.h) or "blas".
+std::string cpu_weight_product(int64_t M, int64_t N) {
+  if (!cpu::use_outer_sum(M, N)) return "blas";
+  return cpu::avx512_enabled() ? "avx512" : "avx2";
+}
+// The outer-product kernel on its own (a^T b for a (K, M), b (K, N), float32, rows at any
+// stride), for the kernel tests and benchmarks: on torch's threads or the calling one.
+at::Tensor cpu_outer_product(const at::Tensor& a, const at::Tensor& b, bool threaded) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(0) == b.size(0) && a.stride(1) == 1 && b.stride(1) == 1,
+              "rnn_ext::_cpu_outer_product takes float32 CPU matrices (K, M) and (K, N) with "
+              "unit column stride");
+  TORCH_CHECK(cpu::outer_sum_available(), "rnn_ext::_cpu_outer_product needs AVX2 and FMA");
+  at::Tensor c = at::empty({a.size(1), b.size(1)}, a.options());
+  const cpu::RowSpan rows{a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
+                          a.size(0)};
+  cpu::outer_product(&rows, 1, a.size(1), b.size(1), c.data_ptr<float>(), b.size(1), threaded);
+  return c;
+}
 bool built_with_cuda() {
 #ifdef RNN_EXT_WITH_CUDA
   return true;
@@ -170,6 +192,9 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("empty_cpu_cache() -> int", &empty_cpu_cache);
   // The instruction set of the float32 CPU step kernel for a step with this K (= H).
   m.def("_cpu_step_kernel_isa(int K) -> str", &cpu_step_kernel_isa);
+  // How the float32 backward forms an (M x N) weight gradient, and that kernel on its own.
+  m.def("_cpu_weight_product(int M, int N) -> str", &cpu_weight_product);
+  m.def("_cpu_outer_product(Tensor a, Tensor b, bool threaded) -> Tensor", &cpu_outer_product);
   m.def("cpu_cache_idle_bytes() -> int", &cpu_cache_idle_bytes);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   m.def("_cpu_activation(Tensor x, bool relu) -> Tensor", &cpu_activation);

@@ -41,5 +41,9 @@ def backend_info() -> dict:
         # the float32 recurrence's step kernel below / from H = 128 (avx2, avx512 or none)
         "cpu_step_kernel": (torch.ops.rnn_ext._cpu_step_kernel_isa(64),
                             torch.ops.rnn_ext._cpu_step_kernel_isa(128)),
+        # the float32 weight gradients of a 64 x 64 / 256 x 256 weight: the outer-product
+        # kernel (avx512, avx2) or blas
+        "cpu_weight_grads": (torch.ops.rnn_ext._cpu_weight_product(64, 64),
+                             torch.ops.rnn_ext._cpu_weight_product(256, 256)),
         "cuda": bool(torch.ops.rnn_ext.built_with_cuda()),
     }

@@ -14,7 +14,11 @@ process (csrc/cpu/rnn_cpu.cpp), so each path runs in its own subprocess:
   step of >= 16 rows is a multi-threaded BLAS call followed by the separate nonlinearity;
 * ``no_openmp``: 3 threads, no team, default thresholds: what a build without OpenMP runs
   (team_kind() is kNone there), the step kernel for small steps and BLAS for large ones;
-* ``three_threads``: 3 threads, every switch at its default.
+* ``three_threads``: 3 threads, every switch at its default;
+* ``wgrad_blas`` / ``wgrad_kernel``: the weight gradients through BLAS at every size
+  (RNN_EXT_CPU_WGRAD=blas), or through the outer-product kernel (csrc/cpu/wgrad_kernel.h) at
+  every size with the rows split over 3 threads (=kernel); by default the kernel takes weights
+  of up to 128 x 128 elements.
 
 Sizes fill whole 16-column register blocks and their edges (H = 16, 17, 31, 32, 33, ..., 257),
 and row blocks of 1..6 rows and their splits (B = 1..8, 13, 16, 17).  Each result (output,
@@ -81,6 +85,8 @@ SCRIPT = textwrap.dedent(
             err_torch = float((t32 - t64).abs().max()) / scale
             worst.append(dict(case=[H, B, L, bi, nl, packed], tensor=i, ext=err_ext,
                               torch=err_torch))
+    print(json.dumps([torch.ops.rnn_ext._cpu_weight_product(16, 16),
+                      torch.ops.rnn_ext._cpu_weight_product(257, 257)]))
     print(json.dumps(worst))
     """
 )
@@ -116,6 +122,15 @@ PATHS = {
     "no_openmp": ({"RNN_EXT_TEAM_MIN": HUGE}, 3,
                   [(96, 16, 1, False, "tanh", False), (128, 20, 1, True, "relu", False),
                    (64, 4, 1, True, "tanh", True), (100, 17, 2, False, "tanh", True)]),
+    # the weight gradients (csrc/cpu/wgrad_kernel.h) through BLAS at every size, and through
+    # the outer-product kernel at every size with the rows split over 3 threads (B = 90, 130:
+    # N = 540, 780 rows, 2 and 3 parts of >= 256), transposed products (I = 7 < 32 <= H)
+    "wgrad_blas": ({"RNN_EXT_CPU_WGRAD": "blas"}, 3,
+                   [(H, B, L, H % 2 == 1, "tanh", B == 5) for H in (16, 33, 64)
+                    for (B, L) in ((5, 2), (90, 1))]),
+    "wgrad_kernel": ({"RNN_EXT_CPU_WGRAD": "kernel"}, 3,
+                     [(H, B, L, H % 2 == 0, "relu" if B == 90 else "tanh", B != 130)
+                      for H in (16, 33, 129, 257) for (B, L) in ((5, 2), (90, 1), (130, 1))]),
     "three_threads": ({}, 3,
                       [(64, 8, 2, True, "tanh", False), (33, 3, 2, False, "relu", True),
                        (128, 16, 1, False, "tanh", False), (17, 1, 3, True, "tanh", True)]),
@@ -128,13 +143,19 @@ def _run_path(env_extra, threads, cases):
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([threads, cases])],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]), json.loads(lines[-2])
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_float32_path_matches_float64_truth(path):
     env, threads, cases = PATHS[path]
-    rows = _run_path(env, threads, cases)
+    rows, weight_products = _run_path(env, threads, cases)
+    # the weight gradients of a 16 x 16 and a 257 x 257 weight went where the path says
+    has_kernel = torch.ops.rnn_ext._cpu_step_kernel_isa(16) != "none"
+    want = {"wgrad_blas": [False, False], "wgrad_kernel": [has_kernel, has_kernel]}.get(
+        path, [has_kernel, False])
+    assert [w != "blas" for w in weight_products] == want, weight_products
     assert len(rows) == sum(4 + (2 if c[3] else 1) * 4 * c[2] for c in cases)
     bad = [r for r in rows if r["ext"] > 2 * r["torch"] + 4e-7]
     assert not bad, f"{len(bad)} tensors: rnn_ext's float32 error above 2x torch's: {bad[:5]}"
@@ -153,6 +174,11 @@ ISA_SCRIPT = textwrap.dedent(
         out, hn = m(x)
         loss = (out * torch.randn(out.shape)).sum() + (hn * torch.randn(hn.shape)).sum()
         res.append([out, hn, *torch.autograd.grad(loss, [x, *m.parameters()])])
+    # the weight-gradient kernel alone: tiles of every width, the transposed form, 2 parts
+    g = torch.Generator().manual_seed(0)
+    res.append([torch.ops.rnn_ext._cpu_outer_product(torch.randn(K, M, generator=g),
+                                                     torch.randn(K, N, generator=g), True)
+                for (K, M, N) in [(65, 7, 17), (130, 33, 16), (700, 64, 64), (129, 129, 130)]])
     torch.save(res, sys.argv[1])
     """
 )
@@ -162,7 +188,8 @@ ISA_SCRIPT = textwrap.dedent(
 def test_step_kernel_isas_bitwise_equal(tmp_path, threads):
     """The AVX-512 and AVX2 step-kernel blocks sum every element's products in the same order
     with the same epilogue: outputs and gradients are bitwise equal (partial 16-column blocks,
-    row blocks of every size, both directions, forward and BPTT)."""
+    row blocks of every size, both directions, forward and BPTT); so are the AVX-512 and AVX2
+    tiles of the weight-gradient kernel (within the gradients, and on its own)."""
     got = {}
     for isa in ("avx2", "avx512"):
         path = tmp_path / f"{isa}.pt"

@@ -256,3 +256,68 @@ def test_cpu_team_recurrence_matches_one_thread_and_torch_in_a_subprocess(rows_m
     assert r["fwd_bitwise"], r
     assert r["worst_torch"] < 2e-4, r
     assert r["worst_threads"] < 1e-5, r
+
+
+# --- the weight-gradient outer-product kernel (csrc/cpu/wgrad_kernel.cpp) -----------------------
+
+outer = torch.ops.rnn_ext._cpu_outer_product
+# (the kernel needs AVX2 and FMA, as the step kernel does)
+needs_outer = pytest.mark.skipif(torch.ops.rnn_ext._cpu_step_kernel_isa(16) == "none",
+                                 reason="the outer-product kernel needs AVX2 and FMA")
+
+# M and N over the register tiles' edges (AVX-512: 6 rows x 16-64 columns; AVX2: 3 x 8-32) and
+# the transposed form (N < 32 <= M); K over the 64-row chunks' edges and the 256-row parts.
+OUTER_MN = [(1, 1), (3, 5), (6, 16), (7, 17), (13, 31), (5, 32), (32, 7), (33, 16), (64, 64),
+            (65, 63), (100, 3), (129, 130)]
+OUTER_K = [0, 1, 63, 64, 65, 130, 700]
+
+
+@needs_outer
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_outer_product_kernel_matches_float64(threaded):
+    """a^T b by the kernel, for every (M, N) and K above, with rows at a stride (a view of a
+    wider matrix), against the float64 product: the error of every element is within float32
+    rounding of its K products (<= K ulp-sized steps of sum |a| |b|, far below any real bug,
+    which shows as errors of the products' own size).  K = 0 gives exact zeros."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(3 if threaded else 1)
+    try:
+        for M, N in OUTER_MN:
+            for K in OUTER_K:
+                a = torch.randn(K, M + 3, generator=g)[:, 1:M + 1]  # row stride M + 3
+                b = torch.randn(K, N + 5, generator=g)[:, 2:N + 2]
+                c = outer(a, b, threaded)
+                want = a.double().t() @ b.double()
+                bound = (a.double().abs().t() @ b.double().abs()) * (K + 1) * 2.0 ** -24
+                assert c.shape == (M, N) and c.dtype == torch.float32
+                assert ((c.double() - want).abs() <= bound).all(), (M, N, K)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_outer
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threads"])
+def test_outer_product_kernel_orientations_bitwise_equal(threaded):
+    """Every element sums its products chunk by chunk in row order, whatever tile, register
+    width or orientation computes it: a^T b is bitwise (b^T a)^T, which for N < 32 <= M is the
+    transposed form against the direct one, and elsewhere other tile shapes."""
+    g = torch.Generator().manual_seed(1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(3 if threaded else 1)
+    try:
+        for M, N in OUTER_MN:
+            for K in (65, 700):
+                a, b = torch.randn(K, M, generator=g), torch.randn(K, N, generator=g)
+                assert torch.equal(outer(a, b, threaded), outer(b, a, threaded).t()), (M, N, K)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_outer_product_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="float32 CPU matrices"):
+        outer(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2), False)
+    with pytest.raises(RuntimeError, match="float32 CPU matrices"):
+        outer(torch.randn(3, 2), torch.randn(4, 2), False)
+    with pytest.raises(RuntimeError, match="float32 CPU matrices"):
+        outer(torch.randn(2, 3).t(), torch.randn(3, 2), False)

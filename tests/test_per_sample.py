@@ -640,3 +640,56 @@ def test_opacus_mean_scale(T_, H_):
     for (n, p), gt in zip(model.named_parameters(), total[1:]):
         torch.testing.assert_close(p.grad_sample, want[n], **TOL[torch.float64], msg=n)
         torch.testing.assert_close(p.grad, gt, **TOL[torch.float64], msg=n)
+
+
+PRODUCTS_SCRIPT = """
+import json, torch, rnn_ext
+from torch.nn.utils.rnn import pack_padded_sequence
+torch.set_num_threads(2)
+worst = 0.0
+for H, bi, packed in [(40, True, False), (40, False, True), (130, True, False)]:
+    T, B, I = 5, 4, 7
+    torch.manual_seed(H)
+    m = rnn_ext.RNN(I, H, 2, bidirectional=bi)
+    m64 = rnn_ext.RNN(I, H, 2, bidirectional=bi).double()
+    m64.load_state_dict(m.state_dict())
+    x, hx = torch.randn(T, B, I), torch.randn(4 if bi else 2, B, H)
+    lengths = [5, 2, 4, 1]
+    def run(mod, xs, h, lens):
+        inp = pack_padded_sequence(xs, lens, enforce_sorted=False) if packed else xs
+        o, hn = mod(inp, h)
+        od = o.data if packed else o
+        return (od * od.detach().cos()).sum() + (hn * hn).sum()
+    with rnn_ext.per_sample_gradients(m):
+        run(m, x, hx, lengths).backward()
+    got = [p.grad_sample.double() for p in m.parameters()]
+    for b in range(B):  # each sample alone, in float64
+        gs = torch.autograd.grad(run(m64, x[:, b:b + 1].double(), hx[:, b:b + 1].double(),
+                                     [lengths[b]]), list(m64.parameters()))
+        for g, w in zip(got, gs):
+            worst = max(worst, float((g[b] - w).abs().max() / max(1.0, float(w.abs().max()))))
+print(json.dumps([torch.ops.rnn_ext._cpu_weight_product(40, 40),
+                  torch.ops.rnn_ext._cpu_weight_product(130, 130), worst]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["blas", "kernel"])
+def test_per_sample_weight_products_both_ways(mode):
+    """The per-sample weight gradients with their products forced through BLAS, and through
+    the outer-product kernel (csrc/cpu/wgrad_kernel.h), at every size (RNN_EXT_CPU_WGRAD is
+    read at load time: a subprocess): H = 40 (the kernel's by default; W_ih products
+    transposed, I = 7 < 32) and H = 130 (BLAS's by default), dense (H_prev read in place, both
+    directions) and packed, float32 against single-sample float64 gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RNN_EXT_CPU_WGRAD=mode)
+    out = subprocess.run([sys.executable, "-c", PRODUCTS_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    p40, p130, worst = json.loads(out.stdout.strip().splitlines()[-1])
+    has_kernel = torch.ops.rnn_ext._cpu_step_kernel_isa(16) != "none"
+    assert [p40 != "blas", p130 != "blas"] == [mode == "kernel" and has_kernel] * 2
+    assert worst < 2e-5, worst

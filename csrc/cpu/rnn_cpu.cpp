@@ -21,8 +21,10 @@
 #include <omp.h>
 #endif
 
+#include <array>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -31,6 +33,7 @@
 #include "cpu/blas.h"
 #include "cpu/recycle.h"
 #include "cpu/step_kernel.h"
+#include "cpu/wgrad_kernel.h"
 #include "rnn_ext.h"
 
 namespace rnn_ext {
@@ -559,20 +562,71 @@ void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const 
 // gradients, without the dispatch of an at::sum per bias at small sizes.
 template <typename T>
 void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
-  std::vector<double> acc(cols, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = src + r * ld;
-    for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(row[j]);
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::column_sums(src, rows, cols, ld, dst);  // the same sums, vectorised
+  } else {
+    std::vector<double> acc(cols, 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = src + r * ld;
+      for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(row[j]);
+    }
+    for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(acc[j]);
   }
-  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(acc[j]);
 }
+
+// The rows of dW_hh = dZ^T H_prev for dense input, H_prev read in place (no gather): the H_prev
+// of every step but the first processed is the output of the step processed before it, that of
+// the first is h_0.  dz and out (this direction's columns) share the row stride ld, h0 is
+// (B, H).  The whole batch (sample < 0), or one sample's rows (every B-th row).
+std::array<cpu::RowSpan, 2> prev_spans_dense(const Geometry& g, int64_t d, const float* dz,
+                                             const float* out, int64_t ld, const float* h0,
+                                             int64_t sample = -1) {
+  const int64_t step = g.B * ld;  // one step's rows
+  const int64_t row = sample < 0 ? 0 : sample;
+  int64_t rows = sample < 0 ? g.B : 1;
+  const int64_t stride = sample < 0 ? ld : step;
+  dz += row * ld;
+  out += row * ld;
+  h0 += row * g.H;
+  // the rows of the steps after the first processed, and those of the first
+  const int64_t later = std::max<int64_t>(0, g.T - 1) * rows;
+  if (g.T == 0) rows = 0;
+  if (d == 0) return {{{dz + step, stride, out, stride, later}, {dz, stride, h0, g.H, rows}}};
+  return {{{dz, stride, out + step, stride, later},
+           {dz + (g.T - 1) * step, stride, h0, g.H, rows}}};
+}
+
+template <typename T>
+void add_to(T* acc, const T* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    cpu::add_to(acc, src, n);
+  } else {
+    for (int64_t e = 0; e < n; ++e) acc[e] += src[e];
+  }
+}
+
+// Where one direction of one layer finds the operands of its weight gradients: dz (N, *) rows
+// with stride ld (this direction's columns), the layer's input x (N, in_size) contiguous, and
+// H_prev: gathered into prev (N, H) contiguous, or (prev null; dense float32 input) read in
+// place from out (this direction's output columns, row stride ld) and h0 (B, H).  kernel_ih /
+// kernel_hh: the float32 products go through cpu::outer_product (else BLAS).
+template <typename T>
+struct WeightOperands {
+  const T* dz;
+  int64_t ld;
+  const T* x;
+  int64_t in_size;
+  const T* prev;
+  const T* out;
+  const T* h0;
+  bool kernel_ih, kernel_hh;
+};
 
 // Per-group weight and bias gradients of one direction of one layer (the per-sample
 // gradients of DP training when every group is one sample).  Group k owns the batch rows
 // [k*gs, (k+1)*gs); its gradients sum, over the steps t and its rows r active at t (packed row
 // offset[t] + r), dz^T x (W_ih), dz^T h_prev (W_hh) and dz (biases): only its own rows, never
-// another sample's steps or padding.  dz: (N, *) rows with stride ld_dz; x: (N, in_size)
-// contiguous; prev: (N, H) contiguous.  Writes the k-th (H, in_size), (H, H), (H) blocks of
+// another sample's steps or padding.  Writes the k-th (H, in_size), (H, H), (H) blocks of
 // gw_ih, gw_hh, gb (the bias block when g.has_biases), each times `scale`.  sums (may be
 // null): the summed gradients [W_ih (H, in_size), W_hh (H, H), bias (H) when g.has_biases]
 // (unscaled; zero for an empty batch), formed from each group's blocks while they are in
@@ -580,16 +634,16 @@ void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
 // at the end (the same result for the same thread count).  Groups run in parallel on torch's
 // threads.
 template <typename T>
-void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t ld_dz,
-                        const T* x, int64_t in_size, const T* prev, T* gw_ih, T* gw_hh, T* gb,
-                        T scale, const std::array<T*, 3>* sums) {
+void group_weight_grads(const Geometry& g, int64_t d, int64_t groups, const WeightOperands<T>& op,
+                        T* gw_ih, T* gw_hh, T* gb, T scale, const std::array<T*, 3>* sums) {
   // (groups == 0: an empty batch, no group to form; the sums below come out zero)
-  const int64_t H = g.H, gs = groups > 0 ? g.B / groups : 0;
+  const int64_t H = g.H, gs = groups > 0 ? g.B / groups : 0, in_size = op.in_size;
   const int64_t n_ih = H * in_size, n_hh = H * H, n_b = g.has_biases ? H : 0;
   const int64_t n_all = n_ih + n_hh + n_b;
   // Dense input, one sample per group: sample k's rows are k, k + B, k + 2B, ...: one strided
   // product per weight, nothing copied.
   const bool strided = !g.packed && gs == 1;
+  TORCH_INTERNAL_ASSERT(op.prev != nullptr || strided || groups == 0);
   std::vector<std::vector<T>> partial(sums != nullptr ? groups : 0);  // by chunk start
   at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> zb, xb, pb;  // this thread's gathered rows of a group
@@ -604,9 +658,9 @@ void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t 
       const T *z, *xs, *ps;
       int64_t ldz, ldx, ldp, K;
       if (strided) {
-        z = dz + k * ld_dz; ldz = g.B * ld_dz;
-        xs = x + k * in_size; ldx = g.B * in_size;
-        ps = prev + k * H; ldp = g.B * H;
+        z = op.dz + k * op.ld; ldz = g.B * op.ld;
+        xs = op.x + k * in_size; ldx = g.B * in_size;
+        ps = op.prev != nullptr ? op.prev + k * H : nullptr; ldp = g.B * H;
         K = g.T;
       } else {
         const int64_t r0 = k * gs, r1 = r0 + gs;
@@ -617,15 +671,37 @@ void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t 
         for (int64_t t = 0; t < g.T; ++t) {
           for (int64_t r = r0; r < std::min(r1, g.batch[t]); ++r, ++q) {
             const int64_t row = g.offset[t] + r;
-            std::copy_n(dz + row * ld_dz, H, zb.data() + q * H);
-            std::copy_n(x + row * in_size, in_size, xb.data() + q * in_size);
-            std::copy_n(prev + row * H, H, pb.data() + q * H);
+            std::copy_n(op.dz + row * op.ld, H, zb.data() + q * H);
+            std::copy_n(op.x + row * in_size, in_size, xb.data() + q * in_size);
+            std::copy_n(op.prev + row * H, H, pb.data() + q * H);
           }
         }
         z = zb.data(); ldz = H; xs = xb.data(); ldx = in_size; ps = pb.data(); ldp = H;
       }
-      gemm<T>(true, false, H, in_size, K, scale, z, ldz, xs, ldx, T(0), o_ih, in_size);
-      gemm<T>(true, false, H, H, K, scale, z, ldz, ps, ldp, T(0), o_hh, H);
+      // (the kernel's products are scaled below, BLAS's by alpha)
+      if constexpr (std::is_same_v<T, float>) {
+        if (op.kernel_ih) {
+          const cpu::RowSpan rows{z, ldz, xs, ldx, K};
+          cpu::outer_product(&rows, 1, H, in_size, o_ih, in_size, /*threaded=*/false);
+        }
+        if (op.kernel_hh) {
+          const std::array<cpu::RowSpan, 2> dense =
+              ps == nullptr ? prev_spans_dense(g, d, op.dz, op.out, op.ld, op.h0, k)
+                            : std::array<cpu::RowSpan, 2>{{{z, ldz, ps, ldp, K}, {}}};
+          cpu::outer_product(dense.data(), ps == nullptr ? 2 : 1, H, H, o_hh, H,
+                             /*threaded=*/false);
+        }
+        if (scale != T(1) && (op.kernel_ih || op.kernel_hh)) {
+          for (int64_t e = 0; e < (op.kernel_ih ? n_ih : 0); ++e) o_ih[e] *= scale;
+          for (int64_t e = 0; e < (op.kernel_hh ? n_hh : 0); ++e) o_hh[e] *= scale;
+        }
+      }
+      if (!op.kernel_ih) {
+        gemm<T>(true, false, H, in_size, K, scale, z, ldz, xs, ldx, T(0), o_ih, in_size);
+      }
+      if (!op.kernel_hh) {
+        gemm<T>(true, false, H, H, K, scale, z, ldz, ps, ldp, T(0), o_hh, H);
+      }
       T* o_b = g.has_biases ? gb + k * H : nullptr;
       if (o_b != nullptr) {
         column_sums<T>(z, K, H, ldz, o_b);
@@ -634,9 +710,9 @@ void group_weight_grads(const Geometry& g, int64_t groups, const T* dz, int64_t 
         }
       }
       if (acc != nullptr) {
-        for (int64_t e = 0; e < n_ih; ++e) acc[e] += o_ih[e];
-        for (int64_t e = 0; e < n_hh; ++e) acc[n_ih + e] += o_hh[e];
-        for (int64_t e = 0; e < n_b; ++e) acc[n_ih + n_hh + e] += o_b[e];
+        add_to<T>(acc, o_ih, n_ih);
+        add_to<T>(acc + n_ih, o_hh, n_hh);
+        if (o_b != nullptr) add_to<T>(acc + n_ih + n_hh, o_b, n_b);
       }
     }
   });
@@ -770,16 +846,27 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
       for (int64_t d = 0; d < g.D; ++d) {
         const int64_t base = (l * g.D + d) * g.weights_per_cell();
         const T* dz = dZ[l] + d * H;
-        gather_prev<T>(g, d, outs[l] + d * H, h0.data_ptr<T>() + (l * g.D + d) * g.B * H,
-                       prev.data_ptr<T>());
+        const T* h0_ld = h0.data_ptr<T>() + (l * g.D + d) * g.B * H;
+        WeightOperands<T> op{dz, DH, layer_in, in_size, nullptr, outs[l] + d * H, h0_ld,
+                             false, false};
+        if constexpr (std::is_same_v<T, float>) {
+          // float32: the products through the outer-product kernel where it is the faster
+          // (csrc/cpu/wgrad_kernel.h), H_prev read in place for dense input
+          op.kernel_ih = cpu::use_outer_sum(H, in_size);
+          op.kernel_hh = cpu::use_outer_sum(H, H);
+        }
+        if (!op.kernel_hh || g.packed || (groups >= 0 && groups != g.B)) {
+          gather_prev<T>(g, d, outs[l] + d * H, h0_ld, prev.data_ptr<T>());
+          op.prev = prev.data_ptr<T>();
+        }
         if (groups >= 0) {
           std::array<T*, 3> sums{};
           if (summed != nullptr) {
             sums = {(*summed)[base].data_ptr<T>(), (*summed)[base + 1].data_ptr<T>(),
                     g.has_biases ? (*summed)[base + 2].data_ptr<T>() : nullptr};
           }
-          group_weight_grads<T>(g, groups, dz, DH, layer_in, in_size, prev.data_ptr<T>(),
-                                grad_w[base].data_ptr<T>(), grad_w[base + 1].data_ptr<T>(),
+          group_weight_grads<T>(g, d, groups, op, grad_w[base].data_ptr<T>(),
+                                grad_w[base + 1].data_ptr<T>(),
                                 g.has_biases ? grad_w[base + 2].data_ptr<T>() : nullptr, scale,
                                 summed != nullptr ? &sums : nullptr);
           if (g.has_biases) {
@@ -792,10 +879,27 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
           continue;
         }
         // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = column sums of dZ
-        gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in, in_size, T(0),
-                grad_w[base].data_ptr<T>(), in_size);
-        gemm<T>(true, false, H, H, g.N, T(1), dz, DH, prev.data_ptr<T>(), H, T(0),
-                grad_w[base + 1].data_ptr<T>(), H);
+        if constexpr (std::is_same_v<T, float>) {
+          if (op.kernel_ih) {
+            const cpu::RowSpan rows{dz, DH, layer_in, in_size, g.N};
+            cpu::outer_product(&rows, 1, H, in_size, grad_w[base].data_ptr<T>(), in_size, true);
+          }
+          if (op.kernel_hh) {
+            const std::array<cpu::RowSpan, 2> dense =
+                op.prev == nullptr ? prev_spans_dense(g, d, dz, op.out, DH, h0_ld)
+                                   : std::array<cpu::RowSpan, 2>{{{dz, DH, op.prev, H, g.N}, {}}};
+            cpu::outer_product(dense.data(), op.prev == nullptr ? 2 : 1, H, H,
+                               grad_w[base + 1].data_ptr<T>(), H, true);
+          }
+        }
+        if (!op.kernel_ih) {
+          gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in, in_size, T(0),
+                  grad_w[base].data_ptr<T>(), in_size);
+        }
+        if (!op.kernel_hh) {
+          gemm<T>(true, false, H, H, g.N, T(1), dz, DH, op.prev, H, T(0),
+                  grad_w[base + 1].data_ptr<T>(), H);
+        }
         if (g.has_biases) {
           column_sums<T>(dz, g.N, H, DH, grad_w[base + 2].data_ptr<T>());
           std::copy_n(grad_w[base + 2].data_ptr<T>(), H, grad_w[base + 3].data_ptr<T>());

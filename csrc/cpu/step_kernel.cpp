@@ -291,6 +291,14 @@ void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, con
   step_gemm_blocks(0, (N + 15) / 16, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
 }
 
+bool avx512_enabled() {
+#ifdef RNN_EXT_AVX2
+  return step_kernel_available() && isa_choice() != Isa::kAvx2;
+#else
+  return false;
+#endif
+}
+
 const char* step_kernel_isa(int64_t K) {
 #ifdef RNN_EXT_AVX2
   if (!step_kernel_available()) return "none";

@@ -26,6 +26,10 @@ bool step_kernel_available();
 // "none" (no step kernel).  Both give bitwise the same results.
 const char* step_kernel_isa(int64_t K);
 
+// Whether the CPU kernels may use AVX-512 (F/DQ/VL) at all: the CPU has it and
+// RNN_EXT_CPU_ISA is not "avx2".
+bool avx512_enabled();
+
 inline int64_t panel_width(int64_t n) { return (n + 15) / 16 * 16; }
 
 // dst (K * panel_width(N) floats) <- src viewed as (K x N) with row stride lds (or, with
