@@ -578,22 +578,51 @@ void column_sums(const T* src, int64_t rows, int64_t cols, int64_t ld, T* dst) {
 // of every step but the first processed is the output of the step processed before it, that of
 // the first is h_0.  dz and out (this direction's columns) share the row stride ld, h0 is
 // (B, H).  The whole batch (sample < 0), or one sample's rows (every B-th row).
-std::array<cpu::RowSpan, 2> prev_spans_dense(const Geometry& g, int64_t d, const float* dz,
-                                             const float* out, int64_t ld, const float* h0,
-                                             int64_t sample = -1) {
+template <typename T>
+std::array<cpu::RowSpanT<T>, 2> prev_spans_dense(const Geometry& g, int64_t d, const T* dz,
+                                                 const T* out, int64_t ld, const T* h0,
+                                                 int64_t sample = -1) {
   const int64_t step = g.B * ld;  // one step's rows
   const int64_t row = sample < 0 ? 0 : sample;
-  int64_t rows = sample < 0 ? g.B : 1;
+  const int64_t rows = g.T == 0 ? 0 : sample < 0 ? g.B : 1;  // per step
   const int64_t stride = sample < 0 ? ld : step;
+  const int64_t later = std::max<int64_t>(0, g.T - 1) * rows;  // the steps after the first
   dz += row * ld;
   out += row * ld;
   h0 += row * g.H;
-  // the rows of the steps after the first processed, and those of the first
-  const int64_t later = std::max<int64_t>(0, g.T - 1) * rows;
-  if (g.T == 0) rows = 0;
   if (d == 0) return {{{dz + step, stride, out, stride, later}, {dz, stride, h0, g.H, rows}}};
   return {{{dz, stride, out + step, stride, later},
-           {dz + (g.T - 1) * step, stride, h0, g.H, rows}}};
+           {dz + std::max<int64_t>(0, g.T - 1) * step, stride, h0, g.H, rows}}};
+}
+
+// C (M x N, row stride ldc) = alpha * the sum over the rows of spans[0..n) of A_r^T B_r: the
+// float32 outer-product kernel (csrc/cpu/wgrad_kernel.h) where `kernel` says, else one BLAS
+// call per span.  threaded: the product may use torch's threads (the summed gradients); else
+// it runs on the calling thread (inside the per-sample groups' parallel loop, BLAS is serial).
+template <typename T>
+void weight_product(const cpu::RowSpanT<T>* spans, int64_t n, int64_t M, int64_t N, T alpha,
+                    T* C, int64_t ldc, bool kernel, bool threaded) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (kernel) {
+      cpu::outer_product(spans, n, M, N, C, ldc, threaded);
+      if (alpha != T(1)) {
+        for (int64_t i = 0; i < M; ++i) {
+          for (int64_t j = 0; j < N; ++j) C[i * ldc + j] *= alpha;
+        }
+      }
+      return;
+    }
+  }
+  T beta = T(0);
+  for (int64_t s = 0; s < n; ++s) {
+    if (spans[s].rows == 0) continue;
+    gemm<T>(true, false, M, N, spans[s].rows, alpha, spans[s].a, spans[s].lda, spans[s].b,
+            spans[s].ldb, beta, C, ldc);
+    beta = T(1);
+  }
+  if (beta == T(0)) {  // no rows
+    for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, T(0));
+  }
 }
 
 template <typename T>
@@ -607,9 +636,9 @@ void add_to(T* acc, const T* src, int64_t n) {
 
 // Where one direction of one layer finds the operands of its weight gradients: dz (N, *) rows
 // with stride ld (this direction's columns), the layer's input x (N, in_size) contiguous, and
-// H_prev: gathered into prev (N, H) contiguous, or (prev null; dense float32 input) read in
-// place from out (this direction's output columns, row stride ld) and h0 (B, H).  kernel_ih /
-// kernel_hh: the float32 products go through cpu::outer_product (else BLAS).
+// H_prev: gathered into prev (N, H) contiguous (packed input), or (prev null: dense input)
+// read in place from out (this direction's output columns, row stride ld) and h0 (B, H).
+// kernel_ih / kernel_hh: the float32 products go through the outer-product kernel, else BLAS.
 template <typename T>
 struct WeightOperands {
   const T* dz;
@@ -643,7 +672,7 @@ void group_weight_grads(const Geometry& g, int64_t d, int64_t groups, const Weig
   // Dense input, one sample per group: sample k's rows are k, k + B, k + 2B, ...: one strided
   // product per weight, nothing copied.
   const bool strided = !g.packed && gs == 1;
-  TORCH_INTERNAL_ASSERT(op.prev != nullptr || strided || groups == 0);
+  TORCH_INTERNAL_ASSERT(op.prev != nullptr || strided || groups == 0);  // (gathered otherwise)
   std::vector<std::vector<T>> partial(sums != nullptr ? groups : 0);  // by chunk start
   at::parallel_for(0, groups, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> zb, xb, pb;  // this thread's gathered rows of a group
@@ -660,7 +689,7 @@ void group_weight_grads(const Geometry& g, int64_t d, int64_t groups, const Weig
       if (strided) {
         z = op.dz + k * op.ld; ldz = g.B * op.ld;
         xs = op.x + k * in_size; ldx = g.B * in_size;
-        ps = op.prev != nullptr ? op.prev + k * H : nullptr; ldp = g.B * H;
+        ps = nullptr; ldp = 0;  // H_prev read in place (prev_spans_dense)
         K = g.T;
       } else {
         const int64_t r0 = k * gs, r1 = r0 + gs;
@@ -678,30 +707,13 @@ void group_weight_grads(const Geometry& g, int64_t d, int64_t groups, const Weig
         }
         z = zb.data(); ldz = H; xs = xb.data(); ldx = in_size; ps = pb.data(); ldp = H;
       }
-      // (the kernel's products are scaled below, BLAS's by alpha)
-      if constexpr (std::is_same_v<T, float>) {
-        if (op.kernel_ih) {
-          const cpu::RowSpan rows{z, ldz, xs, ldx, K};
-          cpu::outer_product(&rows, 1, H, in_size, o_ih, in_size, /*threaded=*/false);
-        }
-        if (op.kernel_hh) {
-          const std::array<cpu::RowSpan, 2> dense =
-              ps == nullptr ? prev_spans_dense(g, d, op.dz, op.out, op.ld, op.h0, k)
-                            : std::array<cpu::RowSpan, 2>{{{z, ldz, ps, ldp, K}, {}}};
-          cpu::outer_product(dense.data(), ps == nullptr ? 2 : 1, H, H, o_hh, H,
-                             /*threaded=*/false);
-        }
-        if (scale != T(1) && (op.kernel_ih || op.kernel_hh)) {
-          for (int64_t e = 0; e < (op.kernel_ih ? n_ih : 0); ++e) o_ih[e] *= scale;
-          for (int64_t e = 0; e < (op.kernel_hh ? n_hh : 0); ++e) o_hh[e] *= scale;
-        }
-      }
-      if (!op.kernel_ih) {
-        gemm<T>(true, false, H, in_size, K, scale, z, ldz, xs, ldx, T(0), o_ih, in_size);
-      }
-      if (!op.kernel_hh) {
-        gemm<T>(true, false, H, H, K, scale, z, ldz, ps, ldp, T(0), o_hh, H);
-      }
+      const cpu::RowSpanT<T> ih{z, ldz, xs, ldx, K};
+      weight_product<T>(&ih, 1, H, in_size, scale, o_ih, in_size, op.kernel_ih, false);
+      const std::array<cpu::RowSpanT<T>, 2> hh =
+          ps == nullptr ? prev_spans_dense<T>(g, d, op.dz, op.out, op.ld, op.h0, k)
+                        : std::array<cpu::RowSpanT<T>, 2>{{{z, ldz, ps, ldp, K}, {}}};
+      weight_product<T>(hh.data(), ps == nullptr ? 2 : 1, H, H, scale, o_hh, H, op.kernel_hh,
+                        false);
       T* o_b = g.has_biases ? gb + k * H : nullptr;
       if (o_b != nullptr) {
         column_sums<T>(z, K, H, ldz, o_b);
@@ -833,7 +845,10 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
       grad_w.push_back(new_tensor(sizes, dt));
       if (summed != nullptr) summed->push_back(new_tensor(wi.sizes(), dt));
     }
-    at::Tensor prev = new_tensor({g.N, H}, dt);
+    // H_prev gathered for packed input and groups of several rows; dense input reads it in
+    // place
+    const bool gather = g.packed || (groups >= 0 && groups != g.B);
+    at::Tensor prev = gather ? new_tensor({g.N, H}, dt) : at::Tensor();
     at::Tensor dropped = has_noise ? new_tensor({g.N, DH}, dt) : at::Tensor();
     for (int64_t l = 0; l < L; ++l) {
       const T* layer_in = l == 0 ? x.data_ptr<T>() : outs[l - 1];
@@ -851,11 +866,11 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
                              false, false};
         if constexpr (std::is_same_v<T, float>) {
           // float32: the products through the outer-product kernel where it is the faster
-          // (csrc/cpu/wgrad_kernel.h), H_prev read in place for dense input
+          // (csrc/cpu/wgrad_kernel.h)
           op.kernel_ih = cpu::use_outer_sum(H, in_size);
           op.kernel_hh = cpu::use_outer_sum(H, H);
         }
-        if (!op.kernel_hh || g.packed || (groups >= 0 && groups != g.B)) {
+        if (gather) {
           gather_prev<T>(g, d, outs[l] + d * H, h0_ld, prev.data_ptr<T>());
           op.prev = prev.data_ptr<T>();
         }
@@ -879,27 +894,15 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
           continue;
         }
         // dW_ih = dZ^T X ; dW_hh = dZ^T H_prev ; db = column sums of dZ
-        if constexpr (std::is_same_v<T, float>) {
-          if (op.kernel_ih) {
-            const cpu::RowSpan rows{dz, DH, layer_in, in_size, g.N};
-            cpu::outer_product(&rows, 1, H, in_size, grad_w[base].data_ptr<T>(), in_size, true);
-          }
-          if (op.kernel_hh) {
-            const std::array<cpu::RowSpan, 2> dense =
-                op.prev == nullptr ? prev_spans_dense(g, d, dz, op.out, DH, h0_ld)
-                                   : std::array<cpu::RowSpan, 2>{{{dz, DH, op.prev, H, g.N}, {}}};
-            cpu::outer_product(dense.data(), op.prev == nullptr ? 2 : 1, H, H,
-                               grad_w[base + 1].data_ptr<T>(), H, true);
-          }
-        }
-        if (!op.kernel_ih) {
-          gemm<T>(true, false, H, in_size, g.N, T(1), dz, DH, layer_in, in_size, T(0),
-                  grad_w[base].data_ptr<T>(), in_size);
-        }
-        if (!op.kernel_hh) {
-          gemm<T>(true, false, H, H, g.N, T(1), dz, DH, op.prev, H, T(0),
-                  grad_w[base + 1].data_ptr<T>(), H);
-        }
+        const cpu::RowSpanT<T> ih{dz, DH, layer_in, in_size, g.N};
+        weight_product<T>(&ih, 1, H, in_size, T(1), grad_w[base].data_ptr<T>(), in_size,
+                          op.kernel_ih, true);
+        const std::array<cpu::RowSpanT<T>, 2> hh =
+            op.prev == nullptr
+                ? prev_spans_dense<T>(g, d, dz, op.out, DH, h0_ld)
+                : std::array<cpu::RowSpanT<T>, 2>{{{dz, DH, op.prev, H, g.N}, {}}};
+        weight_product<T>(hh.data(), op.prev == nullptr ? 2 : 1, H, H, T(1),
+                          grad_w[base + 1].data_ptr<T>(), H, op.kernel_hh, true);
         if (g.has_biases) {
           column_sums<T>(dz, g.N, H, DH, grad_w[base + 2].data_ptr<T>());
           std::copy_n(grad_w[base + 2].data_ptr<T>(), H, grad_w[base + 3].data_ptr<T>());

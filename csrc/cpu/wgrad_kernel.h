@@ -22,14 +22,17 @@
 
 namespace rnn_ext::cpu {
 
-// Rows [0, rows) of A (a, row stride lda) and of B (b, row stride ldb).
-struct RowSpan {
-  const float* a;
+// Rows [0, rows) of A (a, row stride lda) and of B (b, row stride ldb).  (Templated for the
+// float64 path, which forms the same products through BLAS.)
+template <typename T>
+struct RowSpanT {
+  const T* a;
   int64_t lda;
-  const float* b;
+  const T* b;
   int64_t ldb;
   int64_t rows;
 };
+using RowSpan = RowSpanT<float>;
 
 constexpr int64_t kOuterChunk = 64;
 
