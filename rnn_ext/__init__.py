@@ -38,7 +38,7 @@ def backend_info() -> dict:
     return {
         "version": __version__,
         "cpu_direct_blas": bool(torch.ops.rnn_ext.cpu_direct_blas()),
-        # the float32 recurrence's step kernel below / from H = 128 (avx2, avx512 or none)
+        # the float32 recurrence's step kernel at H = 64 / 128 (avx2, avx512 or none)
         "cpu_step_kernel": (torch.ops.rnn_ext._cpu_step_kernel_isa(64),
                             torch.ops.rnn_ext._cpu_step_kernel_isa(128)),
         # the float32 weight gradients of a 64 x 64 / 256 x 256 weight: the outer-product

@@ -4,7 +4,7 @@ The path a float32 recurrence takes depends on the thread count and on switches 
 process (csrc/cpu/rnn_cpu.cpp), so each path runs in its own subprocess:
 
 * ``step_kernel``: one thread: the register-blocked step kernel (csrc/cpu/step_kernel.cpp)
-  forward and BPTT (AVX2; on AVX-512 cores the AVX-512 blocks from H = 128);
+  forward and BPTT (AVX-512 blocks on cores that have it, else AVX2);
   ``step_kernel_avx512`` / ``step_kernel_avx2``: the same with RNN_EXT_CPU_ISA forcing one kind
   of block at every H;
 * ``row_team`` / ``column_team``: 3 threads, RNN_EXT_TEAM_MIN=0 with RNN_EXT_TEAM_ROWS_MIN=1
@@ -99,14 +99,14 @@ PATHS = {
     "step_kernel": ({}, 1, [(H, B, 1, B % 2 == 0, "tanh" if B % 3 else "relu", B % 4 == 3)
                             for H in H_EDGES for B in (1, 2, 3, 4, 5, 6, 7, 8, 13)]
                     + [(33, 5, 2, True, "tanh", True), (17, 6, 3, False, "relu", False)]),
-    # the AVX-512 blocks at every K, and the AVX2 ones at every K (by default a CPU with
-    # AVX-512 runs K = H >= 128 on the former; without AVX-512 both are the AVX2 path)
+    # the AVX-512 blocks at every K (the default on a CPU with AVX-512), and the AVX2 ones
+    # (without AVX-512 both are the AVX2 path)
     "step_kernel_avx512": ({"RNN_EXT_CPU_ISA": "avx512"}, 1,
                            [(H, B, 1, B % 2 == 0, "tanh" if B % 3 else "relu", B % 4 == 3)
                             for H in H_EDGES for B in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13)]),
     "step_kernel_avx2": ({"RNN_EXT_CPU_ISA": "avx2"}, 1,
-                         [(H, B, 1, B % 2 == 0, "tanh", B == 3)
-                          for H in (127, 128, 129, 257) for B in (1, 3, 8, 13)]),
+                         [(H, B, 1, B % 2 == 0, "tanh" if B % 3 else "relu", B % 4 == 3)
+                          for H in H_EDGES for B in (1, 2, 3, 4, 5, 6, 7, 8, 13)]),
     "row_team": ({"RNN_EXT_TEAM_MIN": "0", "RNN_EXT_TEAM_ROWS_MIN": "1"}, 3,
                  [(H, B, 1, H % 2 == 1, "tanh" if B % 2 else "relu", B == 7)
                   for H in (16, 17, 33, 64, 129) for B in (3, 4, 5, 7, 13)]
@@ -166,10 +166,11 @@ ISA_SCRIPT = textwrap.dedent(
     import sys, torch, rnn_ext
     torch.set_num_threads(int(sys.argv[2]))
     res = [torch.ops.rnn_ext._cpu_step_kernel_isa(16), torch.ops.rnn_ext._cpu_step_kernel_isa(128)]
-    for (H, B, L, bi) in [(16, 1, 1, False), (40, 3, 2, True), (128, 9, 1, False),
-                          (130, 13, 2, True), (256, 16, 1, False)]:
+    for (H, B, L, bi, nl) in [(16, 1, 1, False, "tanh"), (40, 3, 2, True, "relu"),
+                              (64, 6, 1, False, "tanh"), (128, 9, 1, False, "relu"),
+                              (130, 13, 2, True, "tanh"), (256, 16, 1, False, "tanh")]:
         torch.manual_seed(H + B)
-        m = rnn_ext.RNN(5, H, L, bidirectional=bi)
+        m = rnn_ext.RNN(5, H, L, bidirectional=bi, nonlinearity=nl)
         x = torch.randn(7, B, 5, requires_grad=True)
         out, hn = m(x)
         loss = (out * torch.randn(out.shape)).sum() + (hn * torch.randn(hn.shape)).sum()

@@ -67,5 +67,54 @@ RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 relu8(__m256 x)
   return _mm256_andnot_ps(neg, x);
 }
 
+// --- The same on AVX-512 (F + DQ) registers, 16 lanes: every lane runs the same operations
+// as tanh8 / relu8 (IEEE-exact ops, the same min / floor / conversion / select semantics), so
+// the results are bitwise those of the AVX2 functions.
+#define RNN_EXT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+
+RNN_EXT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 tanh16(__m512 x) {
+  const __m512 sign_mask = _mm512_set1_ps(-0.f);
+  const __m512 a = _mm512_andnot_ps(sign_mask, x);
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 s = _mm512_set1_ps(21844.f / 6081075.f);
+  s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1382.f / 155925.f));
+  s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(62.f / 2835.f));
+  s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-17.f / 315.f));
+  s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(2.f / 15.f));
+  s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.f / 3.f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, x2), s, x);
+
+  // min(a, 10) with NaN kept: like _mm256_min_ps, the second operand when either is NaN
+  const __m512 ac = _mm512_min_ps(_mm512_set1_ps(10.f), a);
+  const __m512 y = _mm512_add_ps(ac, ac);  // >= 0
+  const __m512 nf = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(y, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // floor
+  __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fmadd_ps(nf, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512i n = _mm512_cvttps_epi32(nf);
+  const __m512 scale =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+  const __m512 e = _mm512_mul_ps(p, scale);
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
+  big = _mm512_or_ps(big, _mm512_and_ps(sign_mask, x));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.4f), _CMP_LT_OQ), big,
+                              small);
+}
+
+RNN_EXT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 relu16(__m512 x) {
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(neg, x, _mm512_setzero_ps());
+}
+
 }  // namespace rnn_ext::cpu
 #endif

@@ -152,17 +152,17 @@ void column_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K, co
 // The same blocks on zmm registers: one 16-column block per register (twice the FMA width of
 // AVX2 on cores with two 512-bit FMA units) and 32 registers, so blocks of up to 8 rows x 2-4
 // column blocks (<= 16 accumulators).  Every element of C still sums its K products in the order
-// k = 0, 1, ... with one FMA each, and the epilogue is the AVX2 one on the two halves: the results
-// are bitwise those of the AVX2 blocks.  Used from K >= 128 (bench/NOTES.md: on the Intel Xeon
-// VM 7-19 % faster at H = 128-512; at H = 64 5-10 % slower, where the epilogue, not the FMAs,
-// bounds the step).
+// k = 0, 1, ... with one FMA each, and the epilogue runs the AVX2 epilogue's operations on 16
+// lanes (tanh16 / relu16; a partial block takes the AVX2 epilogue on its halves): the results are
+// bitwise those of the AVX2 blocks.  Used at every K where the CPU has AVX-512 (bench/NOTES.md,
+// V14: with the 16-lane epilogue 20-35 % faster than the AVX2 blocks at H = 16-256 on the Intel
+// Xeon VM; with the AVX2 epilogue on two halves they had lost at H = 64, where the epilogue, not
+// the FMAs, bounds the step).
 
-#define RNN_EXT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
+enum class Isa { kAvx2, kAvx512 };
 
-enum class Isa { kAuto, kAvx2, kAvx512 };
-
-// The CPU's AVX-512 F/DQ/VL, and RNN_EXT_CPU_ISA: "avx2" never uses the AVX-512 blocks,
-// "avx512" uses them at every K (for the tests), anything else or unset: from K >= 128.
+// The CPU's AVX-512 F/DQ/VL, and RNN_EXT_CPU_ISA: "avx2" never uses the AVX-512 blocks; unset
+// (or anything else) uses them where the CPU has them.
 Isa isa_choice() {
   static const Isa isa = [] {
     if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
@@ -170,18 +170,12 @@ Isa isa_choice() {
       return Isa::kAvx2;
     }
     const char* v = std::getenv("RNN_EXT_CPU_ISA");
-    const std::string want = v != nullptr ? v : "";
-    return want == "avx2" ? Isa::kAvx2 : want == "avx512" ? Isa::kAvx512 : Isa::kAuto;
+    return v != nullptr && std::string(v) == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
   }();
   return isa;
 }
 
-constexpr int64_t kAvx512MinK = 128;
-
-bool use_avx512(int64_t K) {
-  const Isa isa = isa_choice();
-  return isa == Isa::kAvx512 || (isa == Isa::kAuto && K >= kAvx512MinK);
-}
+bool use_avx512(int64_t /*K*/) { return isa_choice() == Isa::kAvx512; }
 
 // (GCC 12 warns that its own _mm256_undefined_ps, inside _mm512_extractf32x8_ps, is used
 // uninitialised: the extract writes every lane)
@@ -214,8 +208,21 @@ RNN_EXT_TARGET_AVX512 void block512(int64_t K, const float* A, int64_t lda, cons
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int n = 0; n < NB; ++n) {
-      epilogue(_mm512_castps512_ps256(acc[r][n]), _mm512_extractf32x8_ps(acc[r][n], 1),
-               C + r * ldc + n * 16, n == NB - 1 ? ncols : 16, accumulate, act);
+      float* c = C + r * ldc + n * 16;
+      if (n == NB - 1 && ncols < 16) {  // a partial block: the AVX2 epilogue on the halves
+        epilogue(_mm512_castps512_ps256(acc[r][n]), _mm512_extractf32x8_ps(acc[r][n], 1), c,
+                 ncols, accumulate, act);
+        continue;
+      }
+      // a full block in one register: the same operations per lane as the AVX2 epilogue
+      __m512 v = acc[r][n];
+      if (accumulate) v = _mm512_add_ps(v, _mm512_loadu_ps(c));
+      if (act == StepAct::kTanh) {
+        v = tanh16(v);
+      } else if (act == StepAct::kRelu) {
+        v = relu16(v);
+      }
+      _mm512_storeu_ps(c, v);
     }
   }
 }

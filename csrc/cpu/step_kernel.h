@@ -6,8 +6,8 @@
 // (K x 16) slab, zero-padded past N:
 // W_hh^T for the forward step (act = tanh/relu), W_hh itself for the backward step
 // (act = none, C overwritten instead of accumulated).  An AVX2+FMA register-blocked kernel
-// (6 rows x 16 columns of C in 12 ymm accumulators; on AVX-512 cores, from K >= 128, up to 8 rows
-// x 32 columns in 16 zmm accumulators): at the per-step sizes of an RNN (a few to a few hundred
+// (6 rows x 16 columns of C in 12 ymm accumulators; on AVX-512 cores up to 8 rows x 32 columns
+// in 16 zmm accumulators): at the per-step sizes of an RNN (a few to a few hundred
 // rows) it is several times faster than a BLAS call on the first project machine's MKL, and the
 // nonlinearity runs while the block is still in registers.
 #pragma once
@@ -21,9 +21,9 @@ enum class StepAct { kNone, kTanh, kRelu };
 // True when this CPU runs the kernel (AVX2 and FMA); otherwise callers use BLAS.
 bool step_kernel_available();
 
-// The instruction set a step with this K runs on: "avx512" (AVX-512 F/DQ/VL cores, K >= 128;
-// the environment variable RNN_EXT_CPU_ISA=avx2 / avx512 forces one for every K), "avx2", or
-// "none" (no step kernel).  Both give bitwise the same results.
+// The instruction set a step with this K runs on: "avx512" (AVX-512 F/DQ/VL cores, every K,
+// unless the environment variable RNN_EXT_CPU_ISA=avx2 asks for AVX2), "avx2", or "none" (no
+// step kernel).  Both give bitwise the same results.
 const char* step_kernel_isa(int64_t K);
 
 // Whether the CPU kernels may use AVX-512 (F/DQ/VL) at all: the CPU has it and

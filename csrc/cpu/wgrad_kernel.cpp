@@ -70,8 +70,6 @@ bool outer_sum_available() { return cpu_has_avx2_fma(); }
 
 namespace {
 
-#define RNN_EXT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma")))
-
 // One MR x (16 NV) tile of C over `rows` rows (one chunk): acc = sum of the rows' products in
 // row order, then C = acc (store) or C += acc.  `last` columns of the last register are used.
 template <int MR, int NV>
