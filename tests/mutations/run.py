@@ -69,6 +69,21 @@ MUTATIONS = {
     "k11_avx512_step_drops_last_k": (
         "AVX-512 step blocks: every sum misses its last product",
         ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
+    "k15_outer_chunks_overwrite": (
+        "weight-gradient kernel: each 64-row chunk overwrites C instead of adding to it",
+        ["tests/test_kernels.py", "-k", "outer"]),
+    "k16_reverse_h_prev_not_shifted": (
+        "dense dW_hh, reverse direction: H_prev read from the same step instead of the next",
+        ["tests/test_cpu_paths.py", "-k", "step_kernel and not isas"]),
+    "k17_transposed_product_not_transposed": (
+        "weight-gradient kernel: a transposed product (N < 32 <= M) is not transposed back",
+        ["tests/test_kernels.py", "-k", "outer"]),
+    "k18_tanh16_polynomial_coefficient": (
+        "AVX-512 epilogue: tanh16's exp polynomial has 1/5 for 1/6",
+        ["tests/test_kernels.py", "-k", "tanh"]),
+    "k19_h0_rows_dropped_from_dw_hh": (
+        "dense dW_hh, forward direction: the first step's h_0 rows are left out",
+        ["tests/test_per_sample.py", "-k", "match_single_sample_loops and dense"]),
     "k1_step_kernel_tile_edge": (
         "step kernel: the last column of a partial 16-column block misses its projection",
         ["tests/test_cpu_paths.py", "-k", "step_kernel"]),
