@@ -131,10 +131,11 @@ std::string cpu_weight_product(int64_t M, int64_t N) {
 at::Tensor cpu_outer_product(const at::Tensor& a, const at::Tensor& b, bool threaded) {
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
                   b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
-                  a.size(0) == b.size(0) && a.stride(1) == 1 && b.stride(1) == 1,
+                  a.size(0) == b.size(0) && (a.stride(1) == 1 || a.size(1) <= 1) &&
+                  (b.stride(1) == 1 || b.size(1) <= 1),
               "rnn_ext::_cpu_outer_product takes float32 CPU matrices (K, M) and (K, N) with "
               "unit column stride");
-  TORCH_CHECK(cpu::outer_sum_available(), "rnn_ext::_cpu_outer_product needs AVX2 and FMA");
+  // (without AVX2 and FMA: the kernel's plain loops, which give the same results)
   at::Tensor c = at::empty({a.size(1), b.size(1)}, a.options());
   const cpu::RowSpan rows{a.data_ptr<float>(), a.stride(0), b.data_ptr<float>(), b.stride(0),
                           a.size(0)};

@@ -99,6 +99,16 @@ def test_float32_tanh_nan_and_zero():
     assert (y[2:] == 0).all()  # the sign of -0 is lost in the +0 recurrent product, as in torch
 
 
+def test_float32_tanh_keeps_the_sign_of_zero():
+    """tanh(-0) = -0 as torch's (the odd series' fma gives +0 there; the sign is OR-ed in).
+    Through the RNN the sign is lost in the recurrent product (above), so the vector kernel is
+    called on its own, over 8-lane blocks and a tail."""
+    x = torch.tensor([-0.0, 0.0] * 9)
+    y = torch.ops.rnn_ext._cpu_activation(x, False)
+    assert torch.equal(torch.signbit(y), torch.signbit(torch.tanh(x)))
+    assert (y == 0).all()
+
+
 def test_float32_tanh_saturates_to_exactly_one():
     x = torch.tensor([9.02, 9.1, 10.0, 20.0, 88.0, 1e4, 3.4e38, float("inf")])
     x = torch.cat([x, -x])

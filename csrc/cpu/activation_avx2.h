@@ -33,7 +33,10 @@ RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x)
   s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-17.f / 315.f));
   s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(2.f / 15.f));
   s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1.f / 3.f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(x, x2), s, x);
+  // (the sign of x OR-ed in: a no-op except at x = -0, where the fma gives +0; torch's tanh
+  // keeps -0)
+  const __m256 sx = _mm256_and_ps(sign_mask, x);
+  const __m256 small = _mm256_or_ps(_mm256_fmadd_ps(_mm256_mul_ps(x, x2), s, x), sx);
 
   // min(a, 10) with NaN kept: _mm256_min_ps returns the second operand when either is NaN.
   const __m256 ac = _mm256_min_ps(_mm256_set1_ps(10.f), a);
@@ -56,7 +59,7 @@ RNN_EXT_TARGET_AVX2 inline __attribute__((always_inline)) __m256 tanh8(__m256 x)
   const __m256 e = _mm256_mul_ps(p, scale);
   const __m256 one = _mm256_set1_ps(1.f);
   __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
-  big = _mm256_or_ps(big, _mm256_and_ps(sign_mask, x));
+  big = _mm256_or_ps(big, sx);
   // a < 0.4 (ordered: false for NaN, which then takes `big`, itself NaN)
   return _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.4f), _CMP_LT_OQ));
 }
@@ -82,7 +85,8 @@ RNN_EXT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 tanh16(__m512
   s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-17.f / 315.f));
   s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(2.f / 15.f));
   s = _mm512_fmadd_ps(s, x2, _mm512_set1_ps(-1.f / 3.f));
-  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, x2), s, x);
+  const __m512 sx = _mm512_and_ps(sign_mask, x);
+  const __m512 small = _mm512_or_ps(_mm512_fmadd_ps(_mm512_mul_ps(x, x2), s, x), sx);
 
   // min(a, 10) with NaN kept: like _mm256_min_ps, the second operand when either is NaN
   const __m512 ac = _mm512_min_ps(_mm512_set1_ps(10.f), a);
@@ -106,7 +110,7 @@ RNN_EXT_TARGET_AVX512 inline __attribute__((always_inline)) __m512 tanh16(__m512
   const __m512 e = _mm512_mul_ps(p, scale);
   const __m512 one = _mm512_set1_ps(1.f);
   __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, one)));
-  big = _mm512_or_ps(big, _mm512_and_ps(sign_mask, x));
+  big = _mm512_or_ps(big, sx);
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.4f), _CMP_LT_OQ), big,
                               small);
 }

@@ -587,12 +587,15 @@ std::array<cpu::RowSpanT<T>, 2> prev_spans_dense(const Geometry& g, int64_t d, c
   const int64_t rows = g.T == 0 ? 0 : sample < 0 ? g.B : 1;  // per step
   const int64_t stride = sample < 0 ? ld : step;
   const int64_t later = std::max<int64_t>(0, g.T - 1) * rows;  // the steps after the first
+  if (rows == 0) return {};  // (no pointer formed past the buffers)
   dz += row * ld;
   out += row * ld;
   h0 += row * g.H;
-  if (d == 0) return {{{dz + step, stride, out, stride, later}, {dz, stride, h0, g.H, rows}}};
-  return {{{dz, stride, out + step, stride, later},
-           {dz + std::max<int64_t>(0, g.T - 1) * step, stride, h0, g.H, rows}}};
+  // one step on from dz / out, formed only when there are later steps (T = 1: none)
+  const int64_t next = later > 0 ? step : 0;
+  if (d == 0) return {{{dz + next, stride, out, stride, later}, {dz, stride, h0, g.H, rows}}};
+  return {{{dz, stride, out + next, stride, later},
+           {dz + (g.T - 1) * step, stride, h0, g.H, rows}}};
 }
 
 // C (M x N, row stride ldc) = alpha * the sum over the rows of spans[0..n) of A_r^T B_r: the

@@ -15,7 +15,9 @@
 // tiles of C (AVX-512: up to 6 rows x 64 columns in 24 zmm; AVX2: 3 x 32 in 12 ymm) sum their
 // products.  Every element of C sums each chunk's products in row order with one FMA each,
 // starting from zero, then adds the chunk's sum to C: the AVX2 and AVX-512 tiles give bitwise
-// the same results (and so does any split of the columns or rows of C into tiles).
+// the same results (and so does any split of the columns or rows of C into tiles).  The
+// threaded form's results depend on its number of parts (the thread count, and whether it runs
+// inside a parallel region); the products left to BLAS are MKL's, whose code differs by CPU.
 #pragma once
 
 #include <cstdint>
