@@ -4,7 +4,10 @@ The float32 tanh is rnn_ext's own vectorised approximation.  A one-layer RNN wit
 input projection, zero recurrent weights and no bias computes exactly ``tanh(x)`` for every
 element of its input (x * 1 + sums of exact zeros), so a (1, B, H) input sweeps the kernel over
 B * H values, through the same vectorised row loop the RNN uses (H = 1024 and an odd H for the
-loop tails).  Errors are measured against float64 tanh, in float32 ulps of the true value.
+loop tails).  On AVX-512 cores that is the step kernel's 16-lane tanh16; the same checks run on
+the activation loops (`_cpu_activation`, the 8-lane tanh8), so both are tested on every machine
+(they give bitwise the same values: tests/test_cpu_paths.py).  Errors are measured against
+float64 tanh, in float32 ulps of the true value.
 
 Measured (this build, AVX-512/AVX2 clones): max 2.0 ulp, max abs error 8.7e-8 (at x ~ -0.55),
 max relative error 1.7e-7; torch.tanh in float32 is 0.5 ulp.  The bounds below (3 ulp) leave a
@@ -64,8 +67,21 @@ def _ulps(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y.double() - true).abs() / ulp
 
 
+def loop_tanh(x: torch.Tensor, H: int = 0) -> torch.Tensor:
+    """tanh by the activation loops (csrc/cpu/activation.cpp: the 8-lane tanh8 on every CPU
+    with AVX2), where the RNN's step kernel runs the 16-lane tanh16 on AVX-512 cores: both are
+    checked on every machine."""
+    return torch.ops.rnn_ext._cpu_activation(x, False)
+
+
+# the step kernel's epilogue (through the RNN op) and the activation loops
+PATHS = {"step": (kernel_tanh, kernel_tanh_each), "loop": (loop_tanh, loop_tanh)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("H", [1024, 1021], ids=["H1024", "H1021-odd-tail"])
-def test_float32_tanh_accuracy_sweep(H):
+def test_float32_tanh_accuracy_sweep(H, path):
+    kernel_tanh, _ = PATHS[path]
     x = _sweep(H)
     assert x.numel() > 1_000_000
     y = kernel_tanh(x, H)
@@ -83,8 +99,10 @@ def test_float32_tanh_accuracy_sweep(H):
     assert float(y.abs().max()) <= 1.0
 
 
-def test_float32_tanh_tiny_and_subnormal_exact():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_float32_tanh_tiny_and_subnormal_exact(path):
     """tanh(x) == x for |x| < 2^-12 in float32; subnormals come back unchanged."""
+    _, kernel_tanh_each = PATHS[path]
     tiny = torch.tensor([1e-45, 1e-42, 1e-40, 1.1754942e-38, 1.17549435e-38, 1e-30, 1e-10,
                          1e-5, 2.0 ** -13])
     x = torch.cat([tiny, -tiny])
@@ -93,10 +111,12 @@ def test_float32_tanh_tiny_and_subnormal_exact():
     assert torch.equal(y, torch.tanh(x))
 
 
-def test_float32_tanh_nan_and_zero():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_float32_tanh_nan_and_zero(path):
+    _, kernel_tanh_each = PATHS[path]
     y = kernel_tanh_each(torch.tensor([float("nan"), -float("nan"), 0.0, -0.0]))
     assert y[:2].isnan().all()
-    assert (y[2:] == 0).all()  # the sign of -0 is lost in the +0 recurrent product, as in torch
+    assert (y[2:] == 0).all()  # (through the RNN the sign of -0 is lost, as in torch)
 
 
 def test_float32_tanh_keeps_the_sign_of_zero():
@@ -109,7 +129,9 @@ def test_float32_tanh_keeps_the_sign_of_zero():
     assert (y == 0).all()
 
 
-def test_float32_tanh_saturates_to_exactly_one():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_float32_tanh_saturates_to_exactly_one(path):
+    _, kernel_tanh_each = PATHS[path]
     x = torch.tensor([9.02, 9.1, 10.0, 20.0, 88.0, 1e4, 3.4e38, float("inf")])
     x = torch.cat([x, -x])
     y = kernel_tanh_each(x)
