@@ -249,6 +249,12 @@ std::atomic<int>& row_split_state() {
   return v;
 }
 
+// Whether the environment variable `name` is "1" (read where called: once, into a static).
+bool env_flag(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::string(env) == "1";
+}
+
 // The persistent kernels' variant preferences for this call: tensor cores unless the switch
 // says "persistent_fma"; float32 on them only as TF32, only when torch allows TF32 matmuls, and
 // not under "auto": on the H200 (bench/RESULTS.md, 2026-11-30) the TF32 variant measured
@@ -267,17 +273,11 @@ gpu::PersistentPrefs current_prefs() {
                          at::Float32Precision::TF32;
   // RNN_EXT_CUDA_MMA_NARROW_A=1: the tensor-core variant's A fragments as 4-byte loads in the
   // mma layout's order (the layout before the 8-byte loads; to measure the two on a GPU)
-  static const bool narrow_a = [] {
-    const char* env = std::getenv("RNN_EXT_CUDA_MMA_NARROW_A");
-    return env != nullptr && std::string(env) == "1";
-  }();
+  static const bool narrow_a = env_flag("RNN_EXT_CUDA_MMA_NARROW_A");
   prefs.narrow_a_loads = narrow_a;
   // RNN_EXT_CUDA_MMA_GROUPED_A=1 (P3b, experimental until measured on a GPU): the 8-byte A loads
   // of a group of m-tiles issued before their mmas
-  static const bool grouped_a = [] {
-    const char* env = std::getenv("RNN_EXT_CUDA_MMA_GROUPED_A");
-    return env != nullptr && std::string(env) == "1";
-  }();
+  static const bool grouped_a = env_flag("RNN_EXT_CUDA_MMA_GROUPED_A");
   prefs.grouped_a_loads = grouped_a;
   prefs.max_row_groups = row_split_state().load();
   return prefs;
@@ -924,8 +924,9 @@ std::vector<int64_t> cuda_persistent_plan(at::ScalarType dtype, int64_t H, int64
   gpu::PersistentPrefs prefs;
   prefs.tensor_cores = tensor_cores;
   prefs.allow_tf32 = allow_tf32;
-  prefs.narrow_a_loads = current_prefs().narrow_a_loads;  // (the kernel whose registers count)
-  prefs.grouped_a_loads = current_prefs().grouped_a_loads;
+  const gpu::PersistentPrefs current = current_prefs();  // (the kernel whose registers count)
+  prefs.narrow_a_loads = current.narrow_a_loads;
+  prefs.grouped_a_loads = current.grouped_a_loads;
   gpu::PersistentPlan plan;
   C10_CUDA_CHECK(gpu::persistent_plan(kernel_dtype(dtype), H, static_cast<int>(cells), K_in,
                                       backward, prefs, &plan));
