@@ -585,9 +585,9 @@ std::array<cpu::RowSpanT<T>, 2> prev_spans_dense(const Geometry& g, int64_t d, c
   const int64_t step = g.B * ld;  // one step's rows
   const int64_t row = sample < 0 ? 0 : sample;
   const int64_t rows = g.T == 0 ? 0 : sample < 0 ? g.B : 1;  // per step
-  const int64_t stride = sample < 0 ? ld : step;
-  const int64_t later = std::max<int64_t>(0, g.T - 1) * rows;  // the steps after the first
   if (rows == 0) return {};  // (no pointer formed past the buffers)
+  const int64_t stride = sample < 0 ? ld : step;
+  const int64_t later = (g.T - 1) * rows;  // the rows of the steps after the first
   dz += row * ld;
   out += row * ld;
   h0 += row * g.H;
@@ -596,6 +596,34 @@ std::array<cpu::RowSpanT<T>, 2> prev_spans_dense(const Geometry& g, int64_t d, c
   if (d == 0) return {{{dz + next, stride, out, stride, later}, {dz, stride, h0, g.H, rows}}};
   return {{{dz, stride, out + next, stride, later},
            {dz + (g.T - 1) * step, stride, h0, g.H, rows}}};
+}
+
+// Where one direction of one layer finds the operands of its weight gradients: dz (N, *) rows
+// with stride ld (this direction's columns), the layer's input x (N, in_size) contiguous, and
+// H_prev: gathered into prev (N, H) contiguous (packed input), or (prev null: dense input)
+// read in place from out (this direction's output columns, row stride ld) and h0 (B, H).
+// kernel_ih / kernel_hh: the float32 products go through the outer-product kernel, else BLAS.
+template <typename T>
+struct WeightOperands {
+  const T* dz;
+  int64_t ld;
+  const T* x;
+  int64_t in_size;
+  const T* prev;
+  const T* out;
+  const T* h0;
+  bool kernel_ih, kernel_hh;
+};
+
+// The rows of dW_hh = dZ^T H_prev: with prev null (dense input) op's dz against H_prev read in
+// place from op.out / op.h0, for the whole batch or sample `sample`'s rows; else the K rows z
+// (stride ldz) against the rows prev (stride ldp).  Two spans (the second may be empty).
+template <typename T>
+std::array<cpu::RowSpanT<T>, 2> hh_spans(const Geometry& g, int64_t d, const WeightOperands<T>& op,
+                                         const T* z, int64_t ldz, const T* prev, int64_t ldp,
+                                         int64_t K, int64_t sample = -1) {
+  if (prev == nullptr) return prev_spans_dense<T>(g, d, op.dz, op.out, op.ld, op.h0, sample);
+  return {{{z, ldz, prev, ldp, K}, {}}};
 }
 
 // C (M x N, row stride ldc) = alpha * the sum over the rows of spans[0..n) of A_r^T B_r: the
@@ -636,23 +664,6 @@ void add_to(T* acc, const T* src, int64_t n) {
     for (int64_t e = 0; e < n; ++e) acc[e] += src[e];
   }
 }
-
-// Where one direction of one layer finds the operands of its weight gradients: dz (N, *) rows
-// with stride ld (this direction's columns), the layer's input x (N, in_size) contiguous, and
-// H_prev: gathered into prev (N, H) contiguous (packed input), or (prev null: dense input)
-// read in place from out (this direction's output columns, row stride ld) and h0 (B, H).
-// kernel_ih / kernel_hh: the float32 products go through the outer-product kernel, else BLAS.
-template <typename T>
-struct WeightOperands {
-  const T* dz;
-  int64_t ld;
-  const T* x;
-  int64_t in_size;
-  const T* prev;
-  const T* out;
-  const T* h0;
-  bool kernel_ih, kernel_hh;
-};
 
 // Per-group weight and bias gradients of one direction of one layer (the per-sample
 // gradients of DP training when every group is one sample).  Group k owns the batch rows
@@ -712,11 +723,8 @@ void group_weight_grads(const Geometry& g, int64_t d, int64_t groups, const Weig
       }
       const cpu::RowSpanT<T> ih{z, ldz, xs, ldx, K};
       weight_product<T>(&ih, 1, H, in_size, scale, o_ih, in_size, op.kernel_ih, false);
-      const std::array<cpu::RowSpanT<T>, 2> hh =
-          ps == nullptr ? prev_spans_dense<T>(g, d, op.dz, op.out, op.ld, op.h0, k)
-                        : std::array<cpu::RowSpanT<T>, 2>{{{z, ldz, ps, ldp, K}, {}}};
-      weight_product<T>(hh.data(), ps == nullptr ? 2 : 1, H, H, scale, o_hh, H, op.kernel_hh,
-                        false);
+      const auto hh = hh_spans<T>(g, d, op, z, ldz, ps, ldp, K, k);
+      weight_product<T>(hh.data(), 2, H, H, scale, o_hh, H, op.kernel_hh, false);
       T* o_b = g.has_biases ? gb + k * H : nullptr;
       if (o_b != nullptr) {
         column_sums<T>(z, K, H, ldz, o_b);
@@ -900,12 +908,9 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
         const cpu::RowSpanT<T> ih{dz, DH, layer_in, in_size, g.N};
         weight_product<T>(&ih, 1, H, in_size, T(1), grad_w[base].data_ptr<T>(), in_size,
                           op.kernel_ih, true);
-        const std::array<cpu::RowSpanT<T>, 2> hh =
-            op.prev == nullptr
-                ? prev_spans_dense<T>(g, d, dz, op.out, DH, h0_ld)
-                : std::array<cpu::RowSpanT<T>, 2>{{{dz, DH, op.prev, H, g.N}, {}}};
-        weight_product<T>(hh.data(), op.prev == nullptr ? 2 : 1, H, H, T(1),
-                          grad_w[base + 1].data_ptr<T>(), H, op.kernel_hh, true);
+        const auto hh = hh_spans<T>(g, d, op, dz, DH, op.prev, H, g.N);
+        weight_product<T>(hh.data(), 2, H, H, T(1), grad_w[base + 1].data_ptr<T>(), H,
+                          op.kernel_hh, true);
         if (g.has_biases) {
           column_sums<T>(dz, g.N, H, DH, grad_w[base + 2].data_ptr<T>());
           std::copy_n(grad_w[base + 2].data_ptr<T>(), H, grad_w[base + 3].data_ptr<T>());

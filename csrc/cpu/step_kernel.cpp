@@ -175,8 +175,6 @@ Isa isa_choice() {
   return isa;
 }
 
-bool use_avx512(int64_t /*K*/) { return isa_choice() == Isa::kAvx512; }
-
 // (GCC 12 warns that its own _mm256_undefined_ps, inside _mm512_extractf32x8_ps, is used
 // uninitialised: the extract writes every lane)
 
@@ -274,7 +272,7 @@ void step_gemm_blocks(int64_t jb0, int64_t jb1, int64_t M, int64_t N, int64_t K,
                       int64_t lda, const float* Bp, float* C, int64_t ldc, bool accumulate,
                       StepAct act) {
   if (M <= 0 || jb1 <= jb0) return;
-  if (use_avx512(K)) {
+  if (avx512_enabled()) {
     column_blocks512(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
   } else {
     column_blocks(jb0, jb1, M, N, K, A, lda, Bp, C, ldc, accumulate, act);
@@ -306,14 +304,9 @@ bool avx512_enabled() {
 #endif
 }
 
-const char* step_kernel_isa(int64_t K) {
-#ifdef RNN_EXT_AVX2
+const char* step_kernel_isa(int64_t /*K: every K runs the same blocks now*/) {
   if (!step_kernel_available()) return "none";
-  return use_avx512(K) ? "avx512" : "avx2";
-#else
-  (void)K;
-  return "none";
-#endif
+  return avx512_enabled() ? "avx512" : "avx2";
 }
 
 }  // namespace rnn_ext::cpu

@@ -31,34 +31,30 @@ bool use_outer_sum(int64_t M, int64_t N) {
 
 namespace {
 
-// The plain loops: where the CPU has no AVX2 (and as the meaning of the vector code).
-void outer_sum_scalar(const RowSpan* spans, int64_t n, int64_t M, int64_t N, float* C,
-                      int64_t ldc, bool accumulate) {
-  std::vector<float> acc(M * N);
-  bool first = !accumulate;
-  for (int64_t s = 0; s < n; ++s) {
-    const RowSpan& sp = spans[s];
-    for (int64_t r0 = 0; r0 < sp.rows; r0 += kOuterChunk) {
-      const int64_t r1 = std::min(sp.rows, r0 + kOuterChunk);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* a = sp.a + r * sp.lda;
-        const float* b = sp.b + r * sp.ldb;
-        for (int64_t i = 0; i < M; ++i) {
-          for (int64_t j = 0; j < N; ++j) acc[i * N + j] = std::fma(a[i], b[j], acc[i * N + j]);
-        }
-      }
-      for (int64_t i = 0; i < M; ++i) {
-        for (int64_t j = 0; j < N; ++j) {
-          float& c = C[i * ldc + j];
-          c = first ? acc[i * N + j] : c + acc[i * N + j];
-        }
-      }
-      first = false;
+// The plain loops, where the CPU has no AVX2 (and the meaning of the vector code): one chunk of
+// rows, each element's products summed in row order from zero, then stored (store) or added to C.
+void chunk_scalar(int64_t rows, const float* A, int64_t lda, const float* B, int64_t ldb,
+                  int64_t M, int64_t N, float* C, int64_t ldc, bool store) {
+  std::vector<float> acc(M * N, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = A + r * lda;
+    const float* b = B + r * ldb;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) acc[i * N + j] = std::fma(a[i], b[j], acc[i * N + j]);
     }
   }
-  if (first) {  // no rows at all
-    for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, 0.f);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float& c = C[i * ldc + j];
+      c = store ? acc[i * N + j] : c + acc[i * N + j];
+    }
+  }
+}
+
+void column_sums_scalar(const float* src, int64_t rows, int64_t cols, int64_t ld, double* acc) {
+  std::fill_n(acc, cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(src[r * ld + j]);
   }
 }
 
@@ -225,11 +221,7 @@ RNN_EXT_TARGET_AVX512 void column_sums512(const float* src, int64_t rows, int64_
     }
     _mm512_storeu_pd(acc + j, s);
   }
-  for (; j < cols; ++j) {
-    double s = 0.0;
-    for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(src[r * ld + j]);
-    acc[j] = s;
-  }
+  column_sums_scalar(src + j, rows, cols - j, ld, acc + j);  // the last columns
 }
 
 #pragma GCC diagnostic pop
@@ -250,11 +242,7 @@ RNN_EXT_TARGET_AVX2 void column_sums256(const float* src, int64_t rows, int64_t 
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) _mm256_storeu_pd(acc + j + 4 * q, s[q]);
   }
-  for (; j < cols; ++j) {
-    double s = 0.0;
-    for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(src[r * ld + j]);
-    acc[j] = s;
-  }
+  column_sums_scalar(src + j, rows, cols - j, ld, acc + j);  // the last columns
 }
 
 RNN_EXT_TARGET_AVX512 void add_to512(float* acc, const float* src, int64_t n) {
@@ -275,30 +263,40 @@ RNN_EXT_TARGET_AVX2 void add_to256(float* acc, const float* src, int64_t n) {
 
 }  // namespace
 
+#else
+
+bool outer_sum_available() { return false; }
+
+#endif
+
 void add_to(float* acc, const float* src, int64_t n) {
-  if (!outer_sum_available()) {
-    for (int64_t e = 0; e < n; ++e) acc[e] += src[e];
-  } else if (avx512_enabled()) {
-    add_to512(acc, src, n);
-  } else {
-    add_to256(acc, src, n);
+#ifdef RNN_EXT_AVX2
+  if (outer_sum_available()) {
+    avx512_enabled() ? add_to512(acc, src, n) : add_to256(acc, src, n);
+    return;
   }
+#endif
+  for (int64_t e = 0; e < n; ++e) acc[e] += src[e];
 }
 
 void outer_sum(const RowSpan* spans, int64_t n, int64_t M, int64_t N, float* C, int64_t ldc,
                bool accumulate) {
   if (M <= 0 || N <= 0) return;
-  if (!outer_sum_available()) {
-    outer_sum_scalar(spans, n, M, N, C, ldc, accumulate);
-    return;
-  }
-  const Shape sh = shape();
   bool store = !accumulate;
   for (int64_t s = 0; s < n; ++s) {
     const RowSpan& sp = spans[s];
     for (int64_t r0 = 0; r0 < sp.rows; r0 += kOuterChunk) {
-      chunk(sh, std::min(kOuterChunk, sp.rows - r0), sp.a + r0 * sp.lda, sp.lda,
-            sp.b + r0 * sp.ldb, sp.ldb, M, N, C, ldc, store);
+      const int64_t rows = std::min(kOuterChunk, sp.rows - r0);
+      const float* a = sp.a + r0 * sp.lda;
+      const float* b = sp.b + r0 * sp.ldb;
+#ifdef RNN_EXT_AVX2
+      if (outer_sum_available()) {
+        chunk(shape(), rows, a, sp.lda, b, sp.ldb, M, N, C, ldc, store);
+      } else
+#endif
+      {
+        chunk_scalar(rows, a, sp.lda, b, sp.ldb, M, N, C, ldc, store);
+      }
       store = false;
     }
   }
@@ -309,41 +307,17 @@ void outer_sum(const RowSpan* spans, int64_t n, int64_t M, int64_t N, float* C, 
 
 void column_sums(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
   std::vector<double> acc(cols);
-  if (!outer_sum_available()) {
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(src[r * ld + j]);
-    }
-  } else if (avx512_enabled()) {
-    column_sums512(src, rows, cols, ld, acc.data());
-  } else {
-    column_sums256(src, rows, cols, ld, acc.data());
-  }
-  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<float>(acc[j]);
-}
-
-#else
-
-bool outer_sum_available() { return false; }
-
-void add_to(float* acc, const float* src, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) acc[e] += src[e];
-}
-
-void outer_sum(const RowSpan* spans, int64_t n, int64_t M, int64_t N, float* C, int64_t ldc,
-               bool accumulate) {
-  if (M > 0 && N > 0) outer_sum_scalar(spans, n, M, N, C, ldc, accumulate);
-}
-
-void column_sums(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
-  std::vector<double> acc(cols, 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) acc[j] += static_cast<double>(src[r * ld + j]);
-  }
-  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<float>(acc[j]);
-}
-
+#ifdef RNN_EXT_AVX2
+  if (outer_sum_available()) {
+    avx512_enabled() ? column_sums512(src, rows, cols, ld, acc.data())
+                     : column_sums256(src, rows, cols, ld, acc.data());
+  } else
 #endif
+  {
+    column_sums_scalar(src, rows, cols, ld, acc.data());
+  }
+  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<float>(acc[j]);
+}
 
 namespace {
 
