@@ -8,7 +8,9 @@
   opacus registers a grad sampler for rnn_ext.RNN (below), and the module runs Opacus'
   per-sample backward hook itself, from its own backward, once the per-sample gradients exist
   (Opacus' hook sees the gradient of the first output only; an RNN's per-sample gradients
-  need the whole BPTT, with the gradient of h_n too).
+  need the whole BPTT, with the gradient of h_n too).  For GradSampleModule's own hooks, on
+  the opacus versions whose bookkeeping they reproduce (_knows_opacus), lean equivalents run
+  instead (_backprops_lean): at small sizes Opacus' generic hooks cost more than the kernels.
 * torch.func: ``vmap(grad(f))`` and ``jacrev`` run one stack for the whole vmapped batch
   (rnn_ext/ops.py, _FuncRNN and _FuncRNNBackward).
 
@@ -99,15 +101,44 @@ def _opacus_hooks_object(hook):
     return owner
 
 
+def _gsm_hook(hook, name):
+    """Whether `hook` is GradSampleModule's own `name` hook (bound to a GradSampleModule,
+    possibly through a functools.partial), not a subclass's override, on an opacus whose
+    bookkeeping rnn_ext's lean hooks below reproduce."""
+    func = hook.func if isinstance(hook, functools.partial) else hook
+    gsm = sys.modules.get("opacus.grad_sample.grad_sample_module")
+    return (gsm is not None and _knows_opacus()
+            and getattr(func, "__func__", None) is getattr(gsm.GradSampleModule, name, None))
+
+
+def _trainable(module):
+    """What Opacus' requires_grad(module) / trainable_parameters(module) iterate over, for a
+    module with no submodules (the lean hooks' condition): its own parameters wanting a grad."""
+    return [p for p in module._parameters.values() if p is not None and p.requires_grad]
+
+
 def forward_hook_for(hook):
     """Opacus' activation hook stores the forward's inputs and calls .detach() on each: give
-    it tensors (a PackedSequence's data; no None)."""
+    it tensors (a PackedSequence's data; no None).  GradSampleModule's own hook is replaced by
+    a lean one with the same effect on Opacus' state (its activations are never read: the
+    grad sampler below uses the per-sample gradients the backward formed)."""
     owner = _opacus_hooks_object(hook)
     if owner is None or getattr(hook, "__name__", "") != "capture_activations_hook":
         return hook
+    lean = _gsm_hook(hook, "capture_activations_hook")
 
     @functools.wraps(hook)
     def wrapped(module, args, output):
+        if lean and not module._modules:
+            # GradSampleModule.capture_activations_hook, without its generic steps
+            if not owner.hooks_enabled or not module.training or not torch.is_grad_enabled():
+                return None
+            trainable = _trainable(module)
+            if trainable:
+                module.__dict__.setdefault("activations", []).append([])
+                for p in trainable:
+                    p._forward_counter += 1
+            return None
         args = tuple(a.data if isinstance(a, PackedSequence) else a
                      for a in args if a is not None)
         return hook(module, args, output)
@@ -147,41 +178,101 @@ def _opacus_per_sample(module, batch, unsorted_indices):
     # the batch size Opacus scales a mean loss's per-sample gradients by (it would otherwise
     # read it from the last positional input, which may be hx)
     module.max_batch_len = max(getattr(module, "max_batch_len", 0), batch)
-    module_ref, live_refs = weakref.ref(module), [weakref.ref(h) for h in live]
+    return _OpacusSink(module, live, unsorted_indices)
 
-    def live_hooks():  # the hooks live at the forward (held weakly: each holds the model)
-        hooks = [r() for r in live_refs]
-        return module_ref(), [h for h in hooks if h is not None]
 
-    def sink(grads):
-        module, live = live_hooks()
+class _OpacusSink:
+    """Takes the per-sample gradients of one forward call's backward and runs, for each
+    Opacus hook live at that forward, its bookkeeping: the lean one below for
+    GradSampleModule's own hook, else the hook itself (with the gradients stashed for the grad
+    sampler).  Holds the module and the hooks weakly (each hook holds the model)."""
+
+    __slots__ = ("module", "hooks", "unsorted_indices")
+
+    def __init__(self, module, live, unsorted_indices):
+        lean = not module._modules
+        self.module = weakref.ref(module)
+        self.hooks = [(weakref.ref(h), lean and _gsm_hook(h, "capture_backprops_hook"))
+                      for h in live]
+        self.unsorted_indices = unsorted_indices
+
+    def _live(self):
+        live = [(h, lean) for h, lean in ((r(), lean) for r, lean in self.hooks)
+                if h is not None]
+        return self.module(), live
+
+    def grad_scale(self):
+        """The factor the kernel forms the per-sample gradients times: the first hook's."""
+        module, live = self._live()
+        return 1 if module is None or not live else _opacus_scale(module, live[0][0])
+
+    def __call__(self, grads):
+        module, live = self._live()
         if module is None or not live:
             return
-        grads = _in_caller_order(grads, unsorted_indices)
-        stash = module.__dict__.setdefault("_rnn_ext_grad_samples", [])
-        for i, hook in enumerate(live):
-            # the kernel applied the first hook's scale (grad_scale below); another live hook
-            # (not reachable through GradSampleModule, which refuses a second one on a model)
-            # would get its own copy, scaled here
-            todo = _opacus_scale(module, hook) / _opacus_scale(module, live[0])
-            stash.append(grads if i == 0 else [g * todo for g in grads])
-            # Opacus reads grad_output[0] only to scale and permute it (our grad sampler
-            # below does not use it)
-            hook(module, (None,), (torch.zeros(1, 1),))
+        grads = _in_caller_order(grads, self.unsorted_indices)
+        first = _opacus_scale(module, live[0][0])
+        for i, (hook, lean) in enumerate(live):
+            # the kernel applied the first hook's scale (grad_scale); another live hook (not
+            # reachable through GradSampleModule, which refuses a second one on a model) gets
+            # its own copy, scaled here
+            mine = grads if i == 0 else [g * (_opacus_scale(module, hook) / first) for g in grads]
+            if lean:
+                _backprops_lean(module, hook.func.__self__, mine)
+            else:
+                module.__dict__.setdefault("_rnn_ext_grad_samples", []).append(mine)
+                # Opacus reads grad_output[0] only to scale and permute it (our grad sampler
+                # below does not use it)
+                hook(module, (None,), (torch.zeros(1, 1),))
 
-    def grad_scale():
-        module, live = live_hooks()
-        return 1 if module is None or not live else _opacus_scale(module, live[0])
 
-    sink.grad_scale = grad_scale
-    return sink
+def _keep_grad_sample(module, p, g):
+    """Opacus' create_or_accumulate_grad_sample(p, g): where it would allocate a zeroed buffer
+    and copy g in (no buffer yet, full batch), g becomes the buffer itself, saving a fill and
+    a copy of B times every weight."""
+    if not hasattr(p, "_current_grad_sample") and g.shape[0] == module.max_batch_len:
+        p._current_grad_sample = g
+    else:
+        gsm = sys.modules["opacus.grad_sample.grad_sample_module"]
+        gsm.create_or_accumulate_grad_sample(param=p, grad_sample=g,
+                                             max_batch_len=module.max_batch_len)
+
+
+def _backprops_lean(module, owner, grads):
+    """GradSampleModule.capture_backprops_hook for rnn_ext.RNN, the per-sample gradients
+    already formed: the same bookkeeping (the activations entry popped, each parameter's
+    per-sample gradient kept or added, moved to grad_sample when its last forward call is
+    done, Poisson sampling refusing accumulation), without Opacus' generic steps around it
+    (scaling and permuting a gradient nobody reads, the grad-sampler lookup, the parameter
+    generators; bench/NOTES.md, V16)."""
+    if not owner.hooks_enabled:
+        return
+    if not hasattr(module, "activations"):  # (Opacus' own check, in rearrange_grad_samples)
+        raise ValueError(f"No activations detected for {type(module)},"
+                         " run forward after add_hooks(model)")
+    module.activations.pop()
+    for p, g in zip(module._flat_weights, grads):
+        if p.requires_grad:
+            _keep_grad_sample(module, p, g)
+    gsm = sys.modules["opacus.grad_sample.grad_sample_module"]
+    for p in _trainable(module):
+        p._forward_counter -= 1
+        if p._forward_counter == 0:
+            gsm.promote_current_grad_sample(p)
+        if not owner.grad_accumulation_allowed \
+                and isinstance(p.grad_sample, list) and len(p.grad_sample) > 1:
+            raise ValueError(
+                "Poisson sampling is not compatible with grad accumulation. "
+                "You need to call optimizer.step() after every forward/backward pass "
+                "or consider using BatchMemoryManager")
+    if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
+        del module.max_batch_len
 
 
 def _opacus_grad_sampler(module, activations, backprops):
-    """rnn_ext.RNN's grad sampler for Opacus: the per-sample gradients its backward formed
-    (scaled as Opacus wants them).  Where Opacus would allocate a zeroed buffer and copy them
-    in (its create_or_accumulate_grad_sample: no buffer yet, full batch), they become the
-    buffer themselves, saving a fill and a copy of B times every weight."""
+    """rnn_ext.RNN's grad sampler for Opacus, called by Opacus' own backward hook where the
+    lean one above does not apply: the per-sample gradients the module's backward formed
+    (scaled as Opacus wants them)."""
     stash = module.__dict__.get("_rnn_ext_grad_samples")
     if not stash:
         raise RuntimeError(
@@ -192,25 +283,37 @@ def _opacus_grad_sampler(module, activations, backprops):
     for p, g in zip(module._flat_weights, grads):
         if not p.requires_grad:
             continue
-        if _hands_over() and not hasattr(p, "_current_grad_sample") \
-                and g.shape[0] == module.max_batch_len:
-            p._current_grad_sample = g
+        if _knows_opacus():
+            _keep_grad_sample(module, p, g)
         else:
             out[p] = g
     return out
 
 
 @functools.cache
-def _hands_over() -> bool:
-    """Whether this opacus keeps per-sample gradients as _opacus_grad_sampler expects:
+def _knows_opacus() -> bool:
+    """Whether this opacus keeps per-sample gradients as rnn_ext expects (opacus 1.4-1.6):
+    capture_activations_hook appends to module.activations and counts p._forward_counter up;
+    capture_backprops_hook pops the activations, counts down, promotes; and
     create_or_accumulate_grad_sample starts p._current_grad_sample (max_batch_len, *p.shape)
-    and adds later ones into it; promote_current_grad_sample moves it to p.grad_sample.
-    Otherwise every gradient goes through Opacus' own function."""
+    and adds later ones into it, promote_current_grad_sample moving it to p.grad_sample.
+    Otherwise Opacus' own hooks and functions do all of it."""
     gsm = sys.modules.get("opacus.grad_sample.grad_sample_module")
-    funcs = [getattr(gsm, n, None) for n in ("create_or_accumulate_grad_sample",
-                                             "promote_current_grad_sample")]
-    return all("_current_grad_sample" in getattr(getattr(f, "__code__", None), "co_names", ())
-               for f in funcs)
+    cls = getattr(gsm, "GradSampleModule", None)
+    expect = {
+        "create_or_accumulate_grad_sample": {"_current_grad_sample"},
+        "promote_current_grad_sample": {"_current_grad_sample", "grad_sample"},
+        "capture_activations_hook": {"activations", "_forward_counter", "hooks_enabled"},
+        "capture_backprops_hook": {"_forward_counter", "promote_current_grad_sample",
+                                   "create_or_accumulate_grad_sample", "max_batch_len",
+                                   "grad_accumulation_allowed", "activations"},
+    }
+    for name, names in expect.items():
+        func = getattr(gsm, name, None) or getattr(cls, name, None)
+        code = getattr(func, "__code__", None)
+        if code is None or not names <= set(code.co_names):
+            return False
+    return True
 
 
 def _register_with_opacus():

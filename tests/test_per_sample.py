@@ -475,9 +475,50 @@ class _Clf(torch.nn.Module):
         return self.head(feat)
 
 
+@pytest.fixture(params=["lean", "opacus"])
+def opacus_hooks(request, monkeypatch):
+    """Both ways rnn_ext.RNN keeps Opacus' bookkeeping: its lean hooks (the default, where
+    opacus is a version whose GradSampleModule hooks they reproduce), and Opacus' own hooks
+    with rnn_ext's grad sampler (what any other opacus gets).  Returns the mode and how many
+    times each way ran."""
+    from opacus.grad_sample import GradSampleModule
+
+    if request.param == "opacus":
+        monkeypatch.setattr(rnn_ext.dp, "_knows_opacus", lambda: False)
+    else:
+        assert rnn_ext.dp._knows_opacus(), "this opacus is not one the lean hooks reproduce"
+    ran = {"lean": 0, "opacus": 0}
+
+    def counted(key, fn):
+        def f(*args):
+            ran[key] += 1
+            return fn(*args)
+        return f
+
+    monkeypatch.setattr(rnn_ext.dp, "_backprops_lean",
+                        counted("lean", rnn_ext.dp._backprops_lean))
+    monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, rnn_ext.RNN,
+                        counted("opacus", GradSampleModule.GRAD_SAMPLERS[rnn_ext.RNN]))
+    return request.param, ran
+
+
+def _check_opacus_state(gsm, hooks, calls):
+    """After the backward passes: Opacus' per-call state all consumed, as its own hooks leave
+    it, and the RNN's `calls` backward passes kept by the hooks the fixture chose."""
+    for m in gsm._module.modules():
+        if not any(True for _ in m.parameters(recurse=False)):
+            continue
+        assert getattr(m, "activations", []) == [], type(m)
+        assert not hasattr(m, "max_batch_len"), type(m)
+        for p in m.parameters(recurse=False):
+            assert p._forward_counter == 0 and not hasattr(p, "_current_grad_sample")
+    mode, ran = hooks
+    assert ran == {k: calls if k == mode else 0 for k in ("lean", "opacus")}
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case", ["h_n", "output", "bidir_dropout", "packed"])
-def test_opacus_grad_sample_module(case, reduction):
+def test_opacus_grad_sample_module(case, reduction, opacus_hooks):
     """GradSampleModule on a model with rnn_ext.RNN: grad_sample of every parameter (the
     RNN's through its own per-sample backward, using the gradient of h_n as well as the
     output's) equals a loop of single-sample gradients; nothing registered by the user."""
@@ -503,6 +544,7 @@ def test_opacus_grad_sample_module(case, reduction):
     torch.manual_seed(9)
     loss = torch.nn.functional.cross_entropy(gsm(inp(list(range(B)))), y, reduction=reduction)
     loss.backward()
+    _check_opacus_state(gsm, opacus_hooks, 1)
     got = {n: p.grad_sample for n, p in model.named_parameters()}
     # the reference: one grad call per sample (same dropout masks: one batched forward)
     gsm.disable_hooks()
@@ -577,7 +619,7 @@ def _single_sample_grads(model, loss_of, samples):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_opacus_accumulates_over_calls_and_batches(reduction):
+def test_opacus_accumulates_over_calls_and_batches(reduction, opacus_hooks):
     """Opacus' accumulation around the buffers rnn_ext hands over (its _current_grad_sample):
     the RNN run twice in one forward (per-sample gradients summed over both calls, in the
     buffer of the first), and two backward passes before an optimizer step (grad_sample a
@@ -606,6 +648,7 @@ def test_opacus_accumulates_over_calls_and_batches(reduction):
     batches = [list(range(B)), [1, 3, 4]]
     for idx in batches:
         F.cross_entropy(gsm(x[idx]), y[idx], reduction=reduction).backward()
+    _check_opacus_state(gsm, opacus_hooks, 4)  # two calls in each of two batches
     gsm.disable_hooks()
     for k, idx in enumerate(batches):
         # (Opacus undoes a mean loss's 1/B: a sample's gradient is that of its own loss)
@@ -615,6 +658,49 @@ def test_opacus_accumulates_over_calls_and_batches(reduction):
             torch.testing.assert_close(p.grad_sample[k], want[n], **TOL[torch.float64],
                                        msg=lambda s: f"{n}, batch {k}: {s}")
 
+
+
+def test_opacus_forbidden_accumulation_and_disabled_hooks(opacus_hooks):
+    """On a model whose only parameters are rnn_ext.RNN's (so no other layer's Opacus hook can
+    do it): with accumulation forbidden (Poisson sampling in make_private), a second backward
+    before the optimizer step raises Opacus' error; with the hooks disabled, a forward and
+    backward leave no per-sample state; enabled again, grad_sample is the batch's."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(5)
+    rnn = rnn_ext.RNN(I, H, num_layers=2, batch_first=True, dtype=torch.float64)
+    gsm = GradSampleModule(rnn)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+
+    def loss():
+        out, hn = gsm(x)
+        return out.pow(2).mean() + hn.sum()
+
+    gsm.forbid_grad_accumulation()
+    loss().backward()
+    with pytest.raises(ValueError, match="Poisson sampling is not compatible with grad "
+                                         "accumulation"):
+        loss().backward()
+    gsm.zero_grad(set_to_none=True)
+    gsm.allow_grad_accumulation()
+    for a in ("activations", "max_batch_len"):
+        rnn.__dict__.pop(a, None)
+    for p in rnn.parameters():
+        p._forward_counter = 0
+        p.__dict__.pop("_current_grad_sample", None)
+    gsm.disable_hooks()
+    loss().backward()
+    assert getattr(rnn, "activations", []) == []
+    assert all(p.grad_sample is None and p._forward_counter == 0 for p in rnn.parameters())
+    gsm.enable_hooks()
+    gsm.zero_grad(set_to_none=True)
+    loss().backward()
+    gsm.disable_hooks()
+    want = _single_sample_grads(
+        rnn, lambda s: (lambda o, h: o.pow(2).mean() * len(s) / B + h.sum())(*rnn(x[s])),
+        range(B))
+    for n, p in rnn.named_parameters():
+        torch.testing.assert_close(p.grad_sample, want[n] * B, **TOL[torch.float64], msg=n)
 
 
 @pytest.mark.parametrize("T_, H_", [(3, 8), (40, 2)], ids=["short_wide", "long_narrow"])
