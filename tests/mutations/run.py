@@ -57,6 +57,15 @@ MUTATIONS = {
     "m8_opacus_handover_replaces_buffer": (
         "Opacus: a per-sample tensor replaces the accumulation buffer Opacus already holds",
         ["tests/test_per_sample.py", "-k", "opacus"]),
+    "m10_opacus_lean_ignores_poisson": (
+        "Opacus, lean backward hook: accumulation allowed when Poisson sampling forbids it",
+        ["tests/test_per_sample.py", "-k", "opacus and forbidden"]),
+    "m11_opacus_lean_forward_ignores_disabled_hooks": (
+        "Opacus, lean forward hook: records the call with the hooks disabled",
+        ["tests/test_per_sample.py", "-k", "opacus and forbidden"]),
+    "m12_opacus_lean_keeps_max_batch_len": (
+        "Opacus, lean backward hook: the batch size stays after the last call of a batch",
+        ["tests/test_per_sample.py", "-k", "opacus"]),
     "k8_per_sample_sums_left_scaled": (
         "per-sample op: the summed gradients keep the per-sample scale",
         ["tests/test_per_sample.py"]),
