@@ -15,6 +15,14 @@ slower, and by how much depended on which contender came before):
   ours_opacus rnn_ext.RNN in Opacus' GradSampleModule (grad_sample of every parameter)
   ours_vmap   rnn_ext.RNN under torch.func.vmap(grad(...)) (per-sample gradients)
   dprnn       opacus.layers.DPRNN in GradSampleModule (Opacus' own per-sample RNN)
+  frozen_plain, frozen_opacus
+              the model with rnn_ext.RNN's weights frozen and the input requiring a gradient
+              (the RNN's backward still runs, for the input's gradient), without and with
+              GradSampleModule: their difference (`opacus_own_ms` in each row) is what Opacus
+              itself costs a step for the rest of the model (the head's hooks, its grad
+              sampler, GradSampleModule's bookkeeping), which every per-sample step through
+              Opacus pays whatever the RNN; `ratio_to_plain_net_of_opacus_own` takes it out of
+              ours_opacus / plain (diagnostic: not a contender, not plotted)
 
     python bench/dp.py [--quick] [--threads 2] [--reps 15] [--out bench/results/dp-DATE]
 Writes OUT.json and OUT.png.
@@ -91,6 +99,20 @@ def make(kind, T, B, I, H, L):
             gsm.zero_grad(set_to_none=True)  # also clears grad_sample
             F.cross_entropy(gsm(x), y).backward()
         return step
+    if kind in ("frozen_plain", "frozen_opacus"):
+        for p in model.rnn.parameters():
+            p.requires_grad_(False)
+        x.requires_grad_(True)
+        run = model
+        if kind == "frozen_opacus":
+            from opacus import GradSampleModule
+            run = GradSampleModule(model)
+
+        def step():
+            run.zero_grad(set_to_none=True)
+            x.grad = None
+            F.cross_entropy(run(x), y).backward()
+        return step
     if kind == "ours_vmap":
         from torch.func import functional_call, grad, vmap
         params = {n: p.detach() for n, p in model.named_parameters()}
@@ -124,7 +146,8 @@ def plot(res, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows, kinds = res["rows"], res["config"]["kinds"]
+    rows = res["rows"]
+    kinds = [k for k in res["config"]["kinds"] if not k.startswith("frozen_")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [f"T{r['T']} B{r['B']}\nI{r['I']} H{r['H']} L{r['L']}" for r in rows]
     width = 0.8 / len(kinds)
@@ -149,7 +172,8 @@ def main():
                     help="untimed steps of a contender at the start of each of its blocks")
     ap.add_argument("--block", type=int, default=5,
                     help="timed steps of a contender per round (after its --warm steps)")
-    ap.add_argument("--kinds", default="plain,ours_ctx,ours_opacus,ours_vmap,dprnn")
+    ap.add_argument("--kinds", default="plain,ours_ctx,ours_opacus,ours_vmap,dprnn,"
+                                       "frozen_plain,frozen_opacus")
     ap.add_argument("--out", default=os.path.join(
         REPO, "bench", "results", f"dp-{datetime.date.today().isoformat()}"))
     ap.add_argument("--plot", metavar="JSON", help="only plot a results JSON (to JSON's .png)")
@@ -169,7 +193,7 @@ def main():
         summary = {}
         if "dprnn" in kinds:
             for k in kinds:
-                if k != "dprnn":
+                if k != "dprnn" and not k.startswith("frozen_"):
                     s = [r["speedup_vs_dprnn"][k] for r in rows]
                     summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
                         sum(map(math.log, s)) / len(s))
@@ -206,9 +230,14 @@ def main():
         row = dict(T=T, B=B, I=I, H=H, L=L, reps=reps, ms=med,
                    max_abs_diff_opacus_vs_vmap=check_same(T, min(B, 8), I, H, L))
         if "dprnn" in med:
-            row["speedup_vs_dprnn"] = {k: med["dprnn"] / med[k] for k in kinds if k != "dprnn"}
+            row["speedup_vs_dprnn"] = {k: med["dprnn"] / med[k] for k in kinds
+                                      if k != "dprnn" and not k.startswith("frozen_")}
         if "plain" in med:
             row["ratio_to_plain"] = {k: med[k] / med["plain"] for k in kinds if k != "plain"}
+        if {"frozen_plain", "frozen_opacus", "ours_opacus", "plain"} <= med.keys():
+            own = med["frozen_opacus"] - med["frozen_plain"]
+            row["opacus_own_ms"] = own
+            row["ratio_to_plain_net_of_opacus_own"] = (med["ours_opacus"] - own) / med["plain"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         save()

@@ -291,3 +291,39 @@ def test_eager_entry_rejects_wrong_argument_types():
         _C.rnn(*good[:9])
     with pytest.raises(TypeError):
         _C.rnn(x, h, w, None, True, "2", False, False, 0.0, False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "batch_first_view", "expanded_t",
+                                    "column_slice", "last_step_only"])
+def test_backward_reads_grad_output_in_any_layout(layout):
+    """The CPU backward reads the output's gradient where it lies when its rows have unit
+    column stride (the gradient of a batch_first output is a transposed view; an expanded
+    one repeats rows with stride 0; a slice of a wider tensor has a longer row stride): the
+    gradients equal those of the same gradient made contiguous, for torch.nn.RNN too."""
+    T_, B_, I_, H_ = 7, 5, 3, 6
+    ref, ext = make_pair(I_, H_, num_layers=2, bidirectional=True, dtype=torch.float64,
+                         seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T_, B_, I_, generator=g, dtype=torch.float64)
+    full = torch.randn(B_, T_, 2 * H_ + 3, generator=g, dtype=torch.float64)
+    gy = {
+        "contiguous": full[:, :, :2 * H_].transpose(0, 1).contiguous(),
+        "batch_first_view": full[:, :, :2 * H_].contiguous().transpose(0, 1),
+        "expanded_t": full[:, 0, :2 * H_].expand(T_, B_, 2 * H_),
+        "column_slice": full[:, :, 3:].transpose(0, 1),
+        "last_step_only": None,
+    }[layout]
+    if gy is None:  # the gradient of out[-1] alone: zeros with one step set (SelectBackward)
+        gy = torch.zeros(B_, T_, 2 * H_, dtype=torch.float64).transpose(0, 1)
+        gy[-1] = full[:, -1, :2 * H_]
+    assert gy.stride(2) == 1 and (layout == "contiguous") == gy.is_contiguous()
+
+    def grads(m, cot):
+        xx = x.clone().requires_grad_()
+        out, _ = m(xx)
+        return torch.autograd.grad(out, [xx, *m.parameters()], cot)
+
+    for got, from_copy, want in zip(grads(ext, gy), grads(ext, gy.contiguous()),
+                                      grads(ref, gy)):
+        torch.testing.assert_close(got, from_copy, rtol=0, atol=0)  # bitwise
+        torch.testing.assert_close(got, want, **TOL[torch.float64])

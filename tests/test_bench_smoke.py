@@ -128,10 +128,17 @@ def test_dp_bench_smoke(tmp_path):
     with open(str(out) + ".json") as f:
         res = json.load(f)
     assert res["complete"] and res["config"]["warm"] == 2 and res["config"]["block"] == 5
-    kinds = {"plain", "ours_ctx", "ours_opacus", "ours_vmap", "dprnn"}
+    contenders = {"plain", "ours_ctx", "ours_opacus", "ours_vmap", "dprnn"}
+    kinds = contenders | {"frozen_plain", "frozen_opacus"}
     assert set(res["config"]["kinds"]) == kinds
     for row in res["rows"]:
         assert set(row["ms"]) == kinds and all(v > 0 for v in row["ms"].values())
         assert row["max_abs_diff_opacus_vs_vmap"] < 1e-5
-    assert set(res["summary"]) == {f"geomean_speedup_vs_dprnn_{k}" for k in kinds - {"dprnn"}}
+        own = row["ms"]["frozen_opacus"] - row["ms"]["frozen_plain"]
+        assert row["opacus_own_ms"] == pytest.approx(own)
+        assert row["ratio_to_plain_net_of_opacus_own"] == pytest.approx(
+            (row["ms"]["ours_opacus"] - own) / row["ms"]["plain"])
+        assert set(row["speedup_vs_dprnn"]) == contenders - {"dprnn"}
+    assert set(res["summary"]) == {f"geomean_speedup_vs_dprnn_{k}"
+                                   for k in contenders - {"dprnn"}}
     assert os.path.getsize(str(out) + ".png") > 0

@@ -486,6 +486,25 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
   return {output, hy, ws, saved_noise};
 }
 
+// The rows of a gradient w.r.t. a layer's output, as backward reads them: row r of step t
+// (packed row offset o = g.offset[t]) at p + o * so + t * st + r * sb.  Contiguous (N, D*H)
+// rows: so = sb = D*H, st = 0.  A dense (T, B, D*H) tensor with unit column stride, read where
+// it lies (the gradient of a batch_first output is a transposed view; an expanded one has zero
+// strides): so = 0, st and sb its strides.
+template <typename T>
+struct GradRows {
+  const T* p;
+  int64_t so, st, sb;
+  const T* row(int64_t o, int64_t t, int64_t r) const { return p + o * so + t * st + r * sb; }
+  GradRows columns_from(int64_t c) const { return {p + c, so, st, sb}; }
+};
+
+// Whether backward reads grad_output t where it lies (GradRows): dense (T, B, D*H), unit
+// column stride.  Packed (N, D*H) data, and other layouts, are made contiguous.
+bool reads_in_place(const at::Tensor& t) {
+  return t.defined() && t.dim() == 3 && t.stride(2) == 1;
+}
+
 // The BPTT steps [i0, i1) of one direction (walked backwards), on the batch rows [r0, r1) and
 // the columns [c0, c1) of dh and dz: per step dh += dy_t and dz_t = dh act'(h_t) on those rows
 // and columns, then sync() (the column team's barrier: the product needs every column of
@@ -493,7 +512,8 @@ ForwardResult forward_impl(const Geometry& g, const at::Tensor& input, const at:
 // caller owns (o: the step's first row).  A column-team member's elementwise part reads only
 // the columns of dh its own product wrote, so one barrier per step suffices.
 template <typename T, typename Sync, typename Product>
-void walk_backward(const Geometry& g, int64_t d, const T* h_out, const T* dy, T* dz, T* dh,
+void walk_backward(const Geometry& g, int64_t d, const T* h_out, const GradRows<T>& dy, T* dz,
+                   T* dh,
                    int64_t i0, int64_t i1, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                    const Sync& sync, const Product& product) {
   const int64_t H = g.H, DH = g.D * g.H, cols = c1 - c0;
@@ -504,7 +524,7 @@ void walk_backward(const Geometry& g, int64_t d, const T* h_out, const T* dy, T*
     const int64_t o = g.offset[t];
     if (cols > 0) {
       for (int64_t r = r0; r < hi; ++r) {  // dh += dy_t
-        const T* src = dy + (o + r) * DH + c0;
+        const T* src = dy.row(o, t, r) + c0;
         T* dst = dh + r * H + c0;
         for (int64_t j = 0; j < cols; ++j) dst[j] += src[j];
       }
@@ -517,12 +537,12 @@ void walk_backward(const Geometry& g, int64_t d, const T* h_out, const T* dy, T*
 }
 
 // BPTT of one direction of one layer over steps [i0, i1) (processing order; walked backwards).
-// dy: gradient w.r.t. this direction's output columns (row stride D*H); dh: (B, H), carried.
+// dy: gradient w.r.t. this direction's output columns; dh: (B, H), carried.
 // dh_prev = dz W_hh overwrites the rows active at the step; rows past them keep their value
 // (they have not started, or are done).
 template <typename T>
-void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out, const T* dy, T* dz,
-          T* dh, int64_t i0, int64_t i1) {
+void bptt(const Geometry& g, int64_t d, const Cell<T>& c, const T* h_out,
+          const GradRows<T>& dy, T* dz, T* dh, int64_t i0, int64_t i1) {
   const int64_t H = g.H, DH = g.D * g.H;
   if constexpr (std::is_same_v<T, float>) {
     const bool on_team = run_on_team(
@@ -776,12 +796,16 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   const at::Tensor x = input.contiguous();
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor out_c = output.contiguous();
-  const at::Tensor go = grad_output.defined() ? grad_output.contiguous() : at::Tensor();
+  // grad_output: read in place where its rows have unit column stride (GradRows)
+  const bool go_in_place = reads_in_place(grad_output);
+  const at::Tensor go = !grad_output.defined() || go_in_place ? grad_output
+                                                              : grad_output.contiguous();
   const T* noise_p = has_noise ? noise.data_ptr<T>() : nullptr;  // (L-1, N, DH), contiguous
 
   // Per layer: its output, its dZ (N, D*H), the gradient w.r.t. its output dY (N, D*H).
   std::vector<const T*> outs(L);
   std::vector<T*> dZ(L), dY(L);
+  std::vector<GradRows<T>> dy_rows(L);
   at::Tensor dz_all = new_tensor({L, g.N, DH}, dt);
   at::Tensor dy_inner = new_tensor({L - 1, g.N, DH}, dt);
   at::Tensor dy_last;
@@ -790,12 +814,18 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
     dZ[l] = dz_all.data_ptr<T>() + l * layer_elems;
     if (l < L - 1) dY[l] = dy_inner.data_ptr<T>() + l * layer_elems;
   }
-  if (go.defined()) {
-    dY[L - 1] = go.data_ptr<T>();  // only read (bptt takes dy as const)
-  } else {
+  if (!go.defined()) {
     dy_last = new_tensor({g.N, DH}, dt);
     std::fill_n(dy_last.data_ptr<T>(), layer_elems, T(0));
     dY[L - 1] = dy_last.data_ptr<T>();
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    if (l == L - 1 && go.defined()) {  // only read (bptt takes dy as const)
+      dy_rows[l] = go_in_place ? GradRows<T>{go.data_ptr<T>(), 0, go.stride(0), go.stride(1)}
+                               : GradRows<T>{go.data_ptr<T>(), DH, 0, DH};
+    } else {
+      dy_rows[l] = {dY[l], DH, 0, DH};
+    }
   }
   // dh per (layer, direction), starting from grad_hy; ends as grad_hx.
   at::Tensor dh = new_tensor({L * g.D, g.B, H}, dt);
@@ -820,7 +850,8 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   };
   const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/false);
   auto run_bptt = [&](int64_t l, int64_t d, int64_t i0, int64_t i1) {
-    bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l] + d * H, dY[l] + d * H,
+    bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l] + d * H,
+            dy_rows[l].columns_from(d * H),
             dZ[l] + d * H, dh_of(l, d), i0, i1);
   };
 
@@ -1127,6 +1158,13 @@ at::Tensor opt_to(const std::optional<at::Tensor>& t, at::ScalarType dt) {
   return t.has_value() && t->defined() ? as_dtype(*t, dt) : at::Tensor();
 }
 
+// grad_output in dtype dt: where backward reads it in place, as it is (no copy); else as
+// as_dtype makes it.
+at::Tensor grad_output_as(const std::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->scalar_type() == dt && reads_in_place(*t) ? *t : as_dtype(*t, dt);
+}
+
 }  // namespace
 
 ForwardResult rnn_forward_cpu(const at::Tensor& input, const at::Tensor& hx,
@@ -1175,7 +1213,8 @@ BackwardResult backward_cpu(const at::Tensor& input, const at::Tensor& hx, at::T
     using T = decltype(tag);
     return backward_impl<T>(g, as_dtype(input, ct), as_dtype(hx, ct), as_dtype(weights, ct),
                             as_dtype(output, ct), as_dtype(workspace, ct), as_dtype(noise, ct),
-                            opt_to(grad_output, ct), opt_to(grad_hy, ct), output_mask, groups,
+                            grad_output_as(grad_output, ct), opt_to(grad_hy, ct), output_mask,
+                            groups,
                             static_cast<T>(scale), summed);
   };
   BackwardResult r = ct == at::kDouble ? run(double{}) : run(float{});
