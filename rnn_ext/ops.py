@@ -296,6 +296,14 @@ def _kernel_gradients(saved, config, needs, grad_output, grad_hy):
 torch.library.register_autograd("rnn_ext::rnn_forward", _backward, setup_context=_setup_context)
 
 
+class _Static(tuple):
+    """A tuple of plain values (a configuration, `needs`) that pytree takes as one leaf: torch.func
+    flattens an autograd.Function's arguments and results several times a call, node by
+    node, and at small sizes that cost more than the kernels."""
+
+    __slots__ = ()
+
+
 class _FuncRNN(torch.autograd.Function):
     """The op's autograd again, as an autograd.Function with a separate setup_context: the one
     torch.library generates from register_autograd has none, and torch.func transforms refuse
@@ -330,7 +338,7 @@ class _FuncRNN(torch.autograd.Function):
         out, _hy, ws, noise = output
         ctx.mark_non_differentiable(ws, noise)
         ctx.set_materialize_grads(False)
-        ctx.config = tuple(config[:4])
+        ctx.config = _Static(config[:4])
         # batch_sizes (a CPU int64 tensor, never differentiated) stays a plain attribute:
         # saved tensors come back as functorch wrappers, which have no data to read sizes from
         ctx.batch_sizes = batch_sizes
@@ -365,7 +373,8 @@ class _FuncRNN(torch.autograd.Function):
         # every vmapped entry together; a transform that differentiates again gets the
         # reference's gradient of it
         gi, ghx, *gw = _FuncRNNBackward.apply(
-            input, hx, out, ws, noise, grad_output, grad_hy, ctx.batch_sizes, ctx.config, needs,
+            input, hx, out, ws, noise, grad_output, grad_hy, ctx.batch_sizes, ctx.config,
+            _Static(needs),
             *weights)
         return (gi, ghx, None, None, *gw)
 
@@ -610,7 +619,8 @@ def rnn(
         # the setup_context functorch requires, and a jvp)
         out, hy, _ws, _noise = _FuncRNN.apply(
             input, hx, batch_sizes,
-            (bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout, bool(train)),
+            _Static((bool(has_biases), num_layers, bool(bidirectional), bool(relu), dropout,
+                     bool(train))),
             *weights)
         return out, hy
     compiling = torch.compiler.is_compiling()
