@@ -76,12 +76,23 @@ def per_sample_gradients(model: torch.nn.Module):
     if not mods:
         raise ValueError("rnn_ext.per_sample_gradients: the model contains no rnn_ext.RNN")
     for m in mods:
+        hooks = m.__dict__.get("_rnn_ext_opacus_hooks") or {}
+        if any(h.func.__self__.hooks_enabled for h in hooks.values()):
+            raise RuntimeError(
+                "rnn_ext.per_sample_gradients: an rnn_ext.RNN of the model is in an Opacus "
+                "GradSampleModule with its hooks enabled, which forms its grad_sample already; "
+                "use one or the other (or call disable_hooks() first)")
+    before = [m.__dict__.get("_per_sample") for m in mods]  # (Opacus' mode, kept for after)
+    for m in mods:
         m._per_sample = _accumulating
     try:
         yield model
     finally:
-        for m in mods:
-            m.__dict__.pop("_per_sample", None)
+        for m, mode in zip(mods, before):
+            if mode is None:
+                m.__dict__.pop("_per_sample", None)
+            else:
+                m._per_sample = mode
 
 
 # --- Opacus --------------------------------------------------------------------------------
@@ -101,20 +112,31 @@ def _opacus_hooks_object(hook):
     return owner
 
 
-def _gsm_hook(hook, name):
-    """Whether `hook` is GradSampleModule's own `name` hook (bound to a GradSampleModule,
-    possibly through a functools.partial), not a subclass's override, on an opacus whose
-    bookkeeping rnn_ext's lean hooks below reproduce."""
+def _lean(hook):
+    """Whether rnn_ext's lean hooks stand in for the GradSampleModule whose hook `hook` is
+    (a bound method, possibly through a functools.partial): an opacus whose bookkeeping they
+    reproduce, GradSampleModule's own forward and backward hooks both (a subclass overriding
+    either keeps Opacus' hooks for both, so that each sees what the other recorded), and not
+    force_functorch (whose backward hook rnn_ext does not take over)."""
     func = hook.func if isinstance(hook, functools.partial) else hook
+    owner = getattr(func, "__self__", None)
     gsm = sys.modules.get("opacus.grad_sample.grad_sample_module")
-    return (gsm is not None and _knows_opacus()
-            and getattr(func, "__func__", None) is getattr(gsm.GradSampleModule, name, None))
+    if gsm is None or owner is None or not _knows_opacus() \
+            or getattr(owner, "force_functorch", False):
+        return False
+    cls = gsm.GradSampleModule
+    return (getattr(func, "__func__", None) in (cls.capture_activations_hook,
+                                                 cls.capture_backprops_hook)
+            and type(owner).capture_activations_hook is cls.capture_activations_hook
+            and type(owner).capture_backprops_hook is cls.capture_backprops_hook)
 
 
 def _trainable(module):
     """What Opacus' requires_grad(module) / trainable_parameters(module) iterate over, for a
-    module with no submodules (the lean hooks' condition): its own parameters wanting a grad."""
-    return [p for p in module._parameters.values() if p is not None and p.requires_grad]
+    module with no submodules (the lean hooks' condition): its own parameters wanting a grad,
+    each once (a weight tied to another is listed under both names)."""
+    return list(dict.fromkeys(
+        p for p in module._parameters.values() if p is not None and p.requires_grad))
 
 
 def forward_hook_for(hook):
@@ -125,7 +147,7 @@ def forward_hook_for(hook):
     owner = _opacus_hooks_object(hook)
     if owner is None or getattr(hook, "__name__", "") != "capture_activations_hook":
         return hook
-    lean = _gsm_hook(hook, "capture_activations_hook")
+    lean = _lean(hook)
 
     @functools.wraps(hook)
     def wrapped(module, args, output):
@@ -192,8 +214,7 @@ class _OpacusSink:
     def __init__(self, module, live, unsorted_indices):
         lean = not module._modules
         self.module = weakref.ref(module)
-        self.hooks = [(weakref.ref(h), lean and _gsm_hook(h, "capture_backprops_hook"))
-                      for h in live]
+        self.hooks = [(weakref.ref(h), lean and _lean(h)) for h in live]
         self.unsorted_indices = unsorted_indices
 
     def _live(self):
@@ -285,8 +306,8 @@ def _opacus_grad_sampler(module, activations, backprops):
             continue
         if _knows_opacus():
             _keep_grad_sample(module, p, g)
-        else:
-            out[p] = g
+        else:  # (a weight tied under two names gets both uses' gradients)
+            out[p] = out[p] + g if p in out else g
     return out
 
 

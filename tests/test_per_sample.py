@@ -703,6 +703,81 @@ def test_opacus_forbidden_accumulation_and_disabled_hooks(opacus_hooks):
         torch.testing.assert_close(p.grad_sample, want[n] * B, **TOL[torch.float64], msg=n)
 
 
+def test_opacus_subclass_hooks_see_the_inputs():
+    """A GradSampleModule subclass overriding one of its hooks keeps Opacus' own hooks for
+    both: its backward hook sees the activations Opacus' forward hook recorded (the layer's
+    input), not the lean hook's empty entry; grad_sample stays right."""
+    from opacus import GradSampleModule
+
+    seen = []
+
+    class Logging(GradSampleModule):
+        def capture_backprops_hook(self, module, *args, **kwargs):
+            if self.hooks_enabled and isinstance(module, rnn_ext.RNN):
+                seen.append([tuple(a.shape) for a in module.activations[-1]])
+            return super().capture_backprops_hook(module, *args, **kwargs)
+
+    torch.manual_seed(6)
+    rnn = rnn_ext.RNN(I, H, batch_first=True, dtype=torch.float64)
+    gsm = Logging(rnn, loss_reduction="sum")
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    out, hn = gsm(x)
+    (out.pow(2).sum() + hn.sum()).backward()
+    assert seen == [[(B, T, I)]]
+    gsm.disable_hooks()
+    want = _single_sample_grads(rnn, lambda s: (lambda o, h: o.pow(2).sum() + h.sum())(*rnn(x[s])),
+                                range(B))
+    for n, p in rnn.named_parameters():
+        torch.testing.assert_close(p.grad_sample, want[n], **TOL[torch.float64], msg=n)
+
+
+def test_opacus_tied_weights_counted_once(opacus_hooks):
+    """A weight tied under two names (weight_hh_l1 = weight_hh_l0) is one parameter to Opacus:
+    its forward counter counts each forward call once, and its grad_sample is the sum of both
+    uses' per-sample gradients."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(7)
+    rnn = rnn_ext.RNN(H, H, num_layers=2, batch_first=True, dtype=torch.float64)
+    rnn.weight_hh_l1 = rnn.weight_hh_l0
+    gsm = GradSampleModule(rnn, loss_reduction="sum")
+    x = torch.randn(B, T, H, dtype=torch.float64)
+    out, hn = gsm(x)
+    assert rnn.weight_hh_l0._forward_counter == 1
+    (out.pow(2).sum() + hn.sum()).backward()
+    _check_opacus_state(gsm, opacus_hooks, 1)
+    gsm.disable_hooks()
+    want = _single_sample_grads(rnn, lambda s: (lambda o, h: o.pow(2).sum() + h.sum())(*rnn(x[s])),
+                                range(B))
+    for n, p in rnn.named_parameters():
+        torch.testing.assert_close(p.grad_sample, want[n], **TOL[torch.float64], msg=n)
+
+
+def test_per_sample_gradients_and_opacus_on_one_model():
+    """rnn_ext.per_sample_gradients on a model in a GradSampleModule: refused while Opacus'
+    hooks are enabled (both would form grad_sample); with them disabled it runs, and Opacus
+    works again afterwards (its per-sample mode restored on exit)."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(8)
+    rnn = rnn_ext.RNN(I, H, batch_first=True, dtype=torch.float64)
+    gsm = GradSampleModule(rnn, loss_reduction="sum")
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Opacus GradSampleModule with its hooks enabled"):
+        with rnn_ext.per_sample_gradients(rnn):
+            pass
+    gsm.disable_hooks()
+    with rnn_ext.per_sample_gradients(rnn):
+        rnn(x)[1].sum().backward()
+    ctx_grads = [p.grad_sample.clone() for p in rnn.parameters()]
+    gsm.zero_grad(set_to_none=True)
+    gsm.enable_hooks()
+    gsm(x)[1].sum().backward()
+    for p, g in zip(rnn.parameters(), ctx_grads):
+        assert p.grad_sample is not None
+        torch.testing.assert_close(p.grad_sample, g, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("T_, H_", [(3, 8), (40, 2)], ids=["short_wide", "long_narrow"])
 def test_opacus_mean_scale(T_, H_):
     """A mean loss's per-sample gradients are scaled by the batch size (Opacus' convention)
