@@ -66,6 +66,12 @@ MUTATIONS = {
     "m12_opacus_lean_keeps_max_batch_len": (
         "Opacus, lean backward hook: the batch size stays after the last call of a batch",
         ["tests/test_per_sample.py", "-k", "opacus"]),
+    "m13_opacus_lean_despite_subclass_override": (
+        "Opacus: lean hooks for a GradSampleModule subclass that overrides one of them",
+        ["tests/test_per_sample.py", "-k", "subclass"]),
+    "m14_opacus_tied_weight_counted_twice": (
+        "Opacus, lean hooks: a weight tied under two names counts each forward twice",
+        ["tests/test_per_sample.py", "-k", "tied"]),
     "k8_per_sample_sums_left_scaled": (
         "per-sample op: the summed gradients keep the per-sample scale",
         ["tests/test_per_sample.py"]),
