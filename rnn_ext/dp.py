@@ -313,7 +313,7 @@ def _opacus_grad_sampler(module, activations, backprops):
 
 @functools.cache
 def _knows_opacus() -> bool:
-    """Whether this opacus keeps per-sample gradients as rnn_ext expects (opacus 1.4-1.6):
+    """Whether this opacus keeps per-sample gradients as rnn_ext expects (as opacus 1.6 does):
     capture_activations_hook appends to module.activations and counts p._forward_counter up;
     capture_backprops_hook pops the activations, counts down, promotes; and
     create_or_accumulate_grad_sample starts p._current_grad_sample (max_batch_len, *p.shape)
