@@ -154,3 +154,39 @@ def test_export_keeps_the_op_and_runs():
     # the exported program reads its own copies of the parameters: new inputs still agree
     x2 = torch.randn(4, 2, 3)
     torch.testing.assert_close(ep.module()(x2, hx)[0], ref(x2, hx)[0], **TOL[torch.float32])
+
+
+def test_compile_and_func_grad_some_weights_frozen():
+    """Gradients of some weights only (the others frozen, or not asked for): through
+    torch.compile (the op's registered autograd) every weight that requires grad gets its
+    gradient and the frozen ones none; through torch.func.grad of functional_call w.r.t. one
+    weight, that weight's gradient.  Both as torch.nn.RNN gives them."""
+    dtype = torch.float64
+    ref, ext = make_pair(3, 4, num_layers=2, bidirectional=True, dtype=dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 3, generator=g, dtype=dtype)
+    frozen = {"weight_hh_l0", "bias_ih_l1", "weight_ih_l1_reverse"}
+    grads = []
+    for m, run in ((ext, torch.compile(ext, backend="aot_eager", fullgraph=True)), (ref, ref)):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n not in frozen)
+            p.grad = None
+        y, h = run(x)
+        (y.pow(2).sum() + h.sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[1]:
+        if n in frozen:
+            assert grads[0][n] is None and grads[1][n] is None, n
+        else:
+            torch.testing.assert_close(grads[0][n], grads[1][n], **TOL[dtype], msg=n)
+    for m in (ext, ref):
+        m.requires_grad_(True)
+    params = {n: p.detach() for n, p in ext.named_parameters()}
+
+    def loss(m, w):
+        y, h = torch.func.functional_call(m, {**params, "weight_ih_l0": w}, (x,))
+        return y.pow(2).sum() + h.sum()
+
+    got = torch.func.grad(lambda w: loss(ext, w))(params["weight_ih_l0"])
+    want = torch.func.grad(lambda w: loss(ref, w))(params["weight_ih_l0"])
+    torch.testing.assert_close(got, want, **TOL[dtype])

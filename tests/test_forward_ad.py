@@ -468,3 +468,25 @@ def test_float32_team_recurrence(B, H, lengths):
             close(g.double(), w, tol=2e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_weight_tangent_that_requires_grad_keeps_its_graph():
+    """Forward AD with a weight's tangent that itself requires grad (a jvp inside a reverse
+    pass over the tangent): the output tangent depends on it differentiably, as torch.nn.RNN's
+    does (the fused kernel has no backward for weight tangents, so the reference path runs:
+    _fused_jvp_applies).  The gradient w.r.t. that tangent matches torch's."""
+    ref, ext = _pair(dict(num_layers=2, bidirectional=True))
+    x, hx = _inputs(ext, T=4, B=3)
+    p = _params(ext)
+    g = torch.Generator().manual_seed(3)
+    t0 = torch.randn(p["weight_ih_l0"].shape, generator=g, dtype=F64)
+    grads = []
+    for m in (ext, ref):
+        t = t0.clone().requires_grad_()
+        with fwAD.dual_level():
+            w = fwAD.make_dual(p["weight_ih_l0"], t)
+            out, h = functional_call(m, {**p, "weight_ih_l0": w}, (x, hx))
+            tan = fwAD.unpack_dual(out).tangent.pow(2).sum() + fwAD.unpack_dual(h).tangent.sum()
+        assert tan.requires_grad
+        grads.append(torch.autograd.grad(tan, t))
+    close(grads[0][0], grads[1][0])

@@ -156,6 +156,28 @@ def test_unbatched_and_outside_the_block():
     assert ext._per_sample is None
 
 
+def test_per_sample_gradients_sum_over_calls_in_a_block():
+    """Within one per_sample_gradients block, grad_sample sums every call's per-sample
+    gradients (two forward calls in one backward, then a second backward), as .grad sums their
+    gradients: grad_sample.sum(0) == .grad, and each row is that sample's own gradient."""
+    _, ext = make_pair(I, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(11)
+    x1, x2, x3 = (torch.randn(T, B, I, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def losses(xs, samples):
+        return sum(ext(x[:, samples])[0].pow(2).sum() for x in xs)
+
+    with rnn_ext.per_sample_gradients(ext):
+        losses((x1, x2), list(range(B))).backward()
+        losses((x3,), list(range(B))).backward()
+    for p in ext.parameters():
+        torch.testing.assert_close(p.grad_sample.sum(0), p.grad, **TOL[torch.float64])
+    for b in (0, B - 1):
+        want = torch.autograd.grad(losses((x1, x2, x3), [b]), list(ext.parameters()))
+        for p, w in zip(ext.parameters(), want):
+            torch.testing.assert_close(p.grad_sample[b], w, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_empty_batch(bias):
     """An empty batch: per-sample gradients (0, *w), and .grad / the op's summed gradients

@@ -72,6 +72,15 @@ MUTATIONS = {
     "m14_opacus_tied_weight_counted_twice": (
         "Opacus, lean hooks: a weight tied under two names counts each forward twice",
         ["tests/test_per_sample.py", "-k", "tied"]),
+    "m15_fused_jvp_despite_weight_tangent_graph": (
+        "forward AD: the fused jvp runs although a weight tangent requires grad (its graph lost)",
+        ["tests/test_forward_ad.py", "-k", "requires_grad_keeps"]),
+    "m16_partial_weight_grads_dropped": (
+        "op autograd (compile, torch.func): no weight gradient unless every weight needs one",
+        ["tests/test_compile.py", "-k", "frozen"]),
+    "m17_per_sample_block_overwrites": (
+        "per_sample_gradients: each call's grad_sample replaces the block's earlier ones",
+        ["tests/test_per_sample.py", "-k", "sum_over_calls"]),
     "k8_per_sample_sums_left_scaled": (
         "per-sample op: the summed gradients keep the per-sample scale",
         ["tests/test_per_sample.py"]),
