@@ -376,6 +376,10 @@ _FSDP_WORKER = DIST_MODEL + textwrap.dedent(
     torch.save(state, out_path)
     dist.barrier()
     dist.destroy_process_group()
+    # (no interpreter teardown: gloo's threads have aborted it, rarely, with "terminate called
+    # without an active exception" after the results were saved; pytorch/pytorch#190489)
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

@@ -477,6 +477,10 @@ _DDP_WORKER = DIST_MODEL + textwrap.dedent(
     torch.save({k: v.detach() for k, v in model.module.state_dict().items()}, out_path)
     dist.barrier()
     dist.destroy_process_group()
+    # (no interpreter teardown: gloo's threads have aborted it, rarely, with "terminate called
+    # without an active exception" after the results were saved; pytorch/pytorch#190489)
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
