@@ -55,6 +55,7 @@ GRID = [  # (T, B, I, H, L)
     (100, 64, 64, 256, 2),
 ]
 QUICK = [(20, 8, 4, 16, 1), (20, 16, 8, 32, 2)]
+DIAGNOSTIC = ("frozen_plain", "frozen_opacus")  # kinds that are not contenders
 
 
 class Clf(torch.nn.Module):
@@ -99,7 +100,7 @@ def make(kind, T, B, I, H, L):
             gsm.zero_grad(set_to_none=True)  # also clears grad_sample
             F.cross_entropy(gsm(x), y).backward()
         return step
-    if kind in ("frozen_plain", "frozen_opacus"):
+    if kind in DIAGNOSTIC:
         for p in model.rnn.parameters():
             p.requires_grad_(False)
         x.requires_grad_(True)
@@ -147,7 +148,7 @@ def plot(res, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = res["rows"]
-    kinds = [k for k in res["config"]["kinds"] if not k.startswith("frozen_")]
+    kinds = [k for k in res["config"]["kinds"] if k not in DIAGNOSTIC]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [f"T{r['T']} B{r['B']}\nI{r['I']} H{r['H']} L{r['L']}" for r in rows]
     width = 0.8 / len(kinds)
@@ -193,7 +194,7 @@ def main():
         summary = {}
         if "dprnn" in kinds:
             for k in kinds:
-                if k != "dprnn" and not k.startswith("frozen_"):
+                if k != "dprnn" and k not in DIAGNOSTIC:
                     s = [r["speedup_vs_dprnn"][k] for r in rows]
                     summary[f"geomean_speedup_vs_dprnn_{k}"] = math.exp(
                         sum(map(math.log, s)) / len(s))
@@ -231,10 +232,10 @@ def main():
                    max_abs_diff_opacus_vs_vmap=check_same(T, min(B, 8), I, H, L))
         if "dprnn" in med:
             row["speedup_vs_dprnn"] = {k: med["dprnn"] / med[k] for k in kinds
-                                      if k != "dprnn" and not k.startswith("frozen_")}
+                                      if k != "dprnn" and k not in DIAGNOSTIC}
         if "plain" in med:
             row["ratio_to_plain"] = {k: med[k] / med["plain"] for k in kinds if k != "plain"}
-        if {"frozen_plain", "frozen_opacus", "ours_opacus", "plain"} <= med.keys():
+        if {*DIAGNOSTIC, "ours_opacus", "plain"} <= med.keys():
             own = med["frozen_opacus"] - med["frozen_plain"]
             row["opacus_own_ms"] = own
             row["ratio_to_plain_net_of_opacus_own"] = (med["ours_opacus"] - own) / med["plain"]

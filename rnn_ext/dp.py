@@ -218,8 +218,11 @@ class _OpacusSink:
         self.unsorted_indices = unsorted_indices
 
     def _live(self):
-        live = [(h, lean) for h, lean in ((r(), lean) for r, lean in self.hooks)
-                if h is not None]
+        live = []
+        for ref, lean in self.hooks:
+            hook = ref()
+            if hook is not None:
+                live.append((hook, lean))
         return self.module(), live
 
     def grad_scale(self):

@@ -513,8 +513,7 @@ bool reads_in_place(const at::Tensor& t) {
 // the columns of dh its own product wrote, so one barrier per step suffices.
 template <typename T, typename Sync, typename Product>
 void walk_backward(const Geometry& g, int64_t d, const T* h_out, const GradRows<T>& dy, T* dz,
-                   T* dh,
-                   int64_t i0, int64_t i1, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                   T* dh, int64_t i0, int64_t i1, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                    const Sync& sync, const Product& product) {
   const int64_t H = g.H, DH = g.D * g.H, cols = c1 - c0;
   for (int64_t i = i1 - 1; i >= i0; --i) {
@@ -812,20 +811,20 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   for (int64_t l = 0; l < L; ++l) {
     outs[l] = l == L - 1 ? out_c.data_ptr<T>() : ws.data_ptr<T>() + l * layer_elems;
     dZ[l] = dz_all.data_ptr<T>() + l * layer_elems;
-    if (l < L - 1) dY[l] = dy_inner.data_ptr<T>() + l * layer_elems;
-  }
-  if (!go.defined()) {
-    dy_last = new_tensor({g.N, DH}, dt);
-    std::fill_n(dy_last.data_ptr<T>(), layer_elems, T(0));
-    dY[L - 1] = dy_last.data_ptr<T>();
-  }
-  for (int64_t l = 0; l < L; ++l) {
-    if (l == L - 1 && go.defined()) {  // only read (bptt takes dy as const)
-      dy_rows[l] = go_in_place ? GradRows<T>{go.data_ptr<T>(), 0, go.stride(0), go.stride(1)}
-                               : GradRows<T>{go.data_ptr<T>(), DH, 0, DH};
-    } else {
+    if (l < L - 1) {
+      dY[l] = dy_inner.data_ptr<T>() + l * layer_elems;
       dy_rows[l] = {dY[l], DH, 0, DH};
     }
+  }
+  // the last layer's dY: grad_output, only read (bptt takes dy as const), or zeros
+  if (go_in_place) {
+    dy_rows[L - 1] = {go.data_ptr<T>(), 0, go.stride(0), go.stride(1)};
+  } else if (go.defined()) {
+    dy_rows[L - 1] = {go.data_ptr<T>(), DH, 0, DH};
+  } else {
+    dy_last = new_tensor({g.N, DH}, dt);
+    std::fill_n(dy_last.data_ptr<T>(), layer_elems, T(0));
+    dy_rows[L - 1] = {dy_last.data_ptr<T>(), DH, 0, DH};
   }
   // dh per (layer, direction), starting from grad_hy; ends as grad_hx.
   at::Tensor dh = new_tensor({L * g.D, g.B, H}, dt);
@@ -851,8 +850,7 @@ BackwardResult backward_impl(const Geometry& g, const at::Tensor& input, const a
   const std::vector<at::Tensor> panels = step_panels<T>(g, w, /*transpose=*/false);
   auto run_bptt = [&](int64_t l, int64_t d, int64_t i0, int64_t i1) {
     bptt<T>(g, d, cell_with_panel<T>(w, panels, g, l, d), outs[l] + d * H,
-            dy_rows[l].columns_from(d * H),
-            dZ[l] + d * H, dh_of(l, d), i0, i1);
+            dy_rows[l].columns_from(d * H), dZ[l] + d * H, dh_of(l, d), i0, i1);
   };
 
   if (wave) {
